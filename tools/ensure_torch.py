@@ -10,6 +10,7 @@ Order of preference:
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
@@ -31,8 +32,11 @@ def main() -> int:
 
         print(f"torch {torch.__version__} already installed: reusing it")
         return 0
-    if _pip("--no-index", SPEC):
-        return 0
+    # A wheel on this machine's find-links: take torch from it, then its small dependencies from
+    # the usual index (they are rarely on disk beside it).
+    if _pip("--no-index", "--no-deps", SPEC):
+        version = importlib.metadata.version("torch")
+        return 0 if _pip(f"torch=={version}") else 1
     has_gpu = shutil.which("nvidia-smi") is not None
     if not has_gpu:
         # PyPI's Linux torch wheel is a multi-GB CUDA build; the CPU index has the small one.
