@@ -1,0 +1,135 @@
+"""Cluster-quality metrics: agreement with ground truth (NMI, AMI, ARI) and cluster-size statistics.
+
+ARI and NMI are computed here in float64 from a sparse contingency table (torchmetrics'
+``adjusted_rand_score`` overflowed int64 pair counts at N = 250k); AMI comes from scikit-learn.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+
+def _as_labels(labels: Any, name: str) -> np.ndarray:
+    if hasattr(labels, "detach"):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be a 1-D array of labels, got shape {arr.shape}")
+    return arr
+
+
+def _contingency(a: np.ndarray, b: np.ndarray):
+    """Sparse contingency table of ``a`` and ``b``, all float64 counts.
+
+    Returns the non-zero cells ``n_ij``, the true-class and predicted-cluster sizes of each
+    cell (``a_i``, ``b_j``), and both marginals (all class sizes, all cluster sizes).
+    """
+    if len(a) != len(b):
+        raise ValueError(f"label arrays differ in length: {len(a)} and {len(b)}")
+    _, ia = np.unique(a, return_inverse=True)
+    _, ib = np.unique(b, return_inverse=True)
+    ia, ib = ia.ravel().astype(np.int64), ib.ravel().astype(np.int64)
+    rows, cols = np.bincount(ia).astype(np.float64), np.bincount(ib).astype(np.float64)
+    codes, cells = np.unique(ia * len(cols) + ib, return_counts=True)
+    return cells.astype(np.float64), rows[codes // len(cols)], cols[codes % len(cols)], rows, cols
+
+
+def adjusted_rand_index(labels_true: Any, labels_pred: Any) -> float:
+    """Compute the adjusted Rand index (Hubert & Arabie 1985) with pair counts in float64.
+
+    ``ARI = (sum_ij C(n_ij, 2) - E) / (0.5 (sum_i C(a_i, 2) + sum_j C(b_j, 2)) - E)`` with
+    ``E = sum_i C(a_i, 2) sum_j C(b_j, 2) / C(N, 2)``. Like scikit-learn, identical trivial
+    partitions (one cluster each, or all singletons) score 1.0.
+    """
+    a, b = _as_labels(labels_true, "labels_true"), _as_labels(labels_pred, "labels_pred")
+    n = float(len(a))
+    if n < 2:
+        return 1.0
+    cells, _, _, rows, cols = _contingency(a, b)
+    index = np.sum(cells * (cells - 1.0)) / 2.0
+    sum_a = np.sum(rows * (rows - 1.0)) / 2.0
+    sum_b = np.sum(cols * (cols - 1.0)) / 2.0
+    expected = sum_a * sum_b / (n * (n - 1.0) / 2.0)
+    maximum = 0.5 * (sum_a + sum_b)
+    if maximum == expected:
+        return 1.0
+    return float((index - expected) / (maximum - expected))
+
+
+def _entropy(counts: np.ndarray, n: float) -> float:
+    p = counts[counts > 0] / n
+    return float(-np.sum(p * np.log(p)))
+
+
+def normalized_mutual_info(labels_true: Any, labels_pred: Any) -> float:
+    """NMI with the arithmetic-mean normalisation ``I / ((H_true + H_pred) / 2)``.
+
+    That is scikit-learn's default (``average_method="arithmetic"``); natural logarithms, float64.
+    Two single-cluster partitions score 1.0, as in scikit-learn.
+    """
+    a, b = _as_labels(labels_true, "labels_true"), _as_labels(labels_pred, "labels_pred")
+    n = float(len(a))
+    nij, ri, cj, rows, cols = _contingency(a, b)
+    if len(rows) == len(cols) == 1 or n == 0:
+        return 1.0
+    mi = float(np.sum(nij / n * (np.log(nij * n) - np.log(ri * cj))))
+    h = (_entropy(rows, n) + _entropy(cols, n)) / 2.0
+    return 0.0 if h == 0 else min(1.0, max(0.0, mi / h))
+
+
+def adjusted_mutual_info(labels_true: Any, labels_pred: Any) -> float:
+    """AMI (Vinh et al. 2010, arithmetic normalisation) from scikit-learn.
+
+    The expected mutual information costs about O(N x clusters) here; fine for a feature bank.
+    """
+    try:
+        from sklearn.metrics import adjusted_mutual_info_score
+    except ImportError as err:  # pragma: no cover - scikit-learn is a dependency
+        msg = "adjusted_mutual_info needs scikit-learn (pip install scikit-learn)"
+        raise ImportError(msg) from err
+    a, b = _as_labels(labels_true, "labels_true"), _as_labels(labels_pred, "labels_pred")
+    return float(adjusted_mutual_info_score(a, b))
+
+
+def cluster_stats(labels: Any) -> Dict[str, float]:
+    """Cluster count and sizes of one partition: count, min/median/max size, singletons."""
+    lab = _as_labels(labels, "labels")
+    if len(lab) == 0:
+        raise ValueError("labels is empty")
+    _, sizes = np.unique(lab, return_counts=True)
+    return {
+        "num_clusters": int(len(sizes)),
+        "size_min": int(sizes.min()),
+        "size_median": float(np.median(sizes)),
+        "size_max": int(sizes.max()),
+        "singletons": int(np.sum(sizes == 1)),
+    }
+
+
+def clustering_metrics(
+    labels: Any, truth: Optional[Any] = None, *, ami: bool = True
+) -> Dict[str, float]:
+    """:func:`cluster_stats` of ``labels`` plus NMI, AMI and ARI against ``truth`` if given.
+
+    Entries of ``truth`` below 0 (``-1``: unknown, the batch convention) are left out of the
+    agreement scores; ``labelled`` says how many samples were scored. ``ami=False`` skips AMI,
+    the slowest of the three.
+    """
+    out: Dict[str, float] = dict(cluster_stats(labels))
+    if truth is None:
+        return out
+    lab, tru = _as_labels(labels, "labels"), _as_labels(truth, "truth")
+    if len(lab) != len(tru):
+        raise ValueError(f"labels ({len(lab)}) and truth ({len(tru)}) differ in length")
+    known = tru >= 0
+    out["labelled"] = int(known.sum())
+    if known.sum() == 0:
+        return out
+    lab, tru = lab[known], tru[known]
+    out["nmi"] = normalized_mutual_info(tru, lab)
+    out["ari"] = adjusted_rand_index(tru, lab)
+    if ami:
+        out["ami"] = adjusted_mutual_info(tru, lab)
+    return out
