@@ -1,0 +1,344 @@
+"""``VideoDataModule``: indexes, datasets, dataloaders and on-device augmentation in one object.
+
+Workers decode uint8 views; ``on_after_batch_transfer`` augments them with kornia on the device.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Literal
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from vidssl.data.augment import EvalTransform, build_augmentation
+from vidssl.data.dataset import VideoDataset, collate_videos
+from vidssl.data.index import VideoIndex, read_index
+from vidssl.data.sampling import TemporalTransform
+
+__all__ = ["VideoDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+class VideoDataModule(pl.LightningDataModule):
+    """Video data for self-supervised training, evaluation and feature banks.
+
+    Batches leave the DataLoader as ``{"views": [uint8 B x T x H x W x C, ...], "index": B,
+    "label": B[, "positive_index": B]}`` and, after the transfer to the device,
+    :meth:`on_after_batch_transfer` turns every view into a float ``B x C x T x H x W`` tensor:
+    the training preset (one random draw per clip, independent across clips and views) for
+    training batches, the evaluation transform (resize, centre crop, normalise) otherwise.
+
+    Args:
+        train: training videos: a folder (class folders, unlabeled folder, UCF101 / HMDB51 root)
+            or a CSV manifest.
+        val: validation videos (default: the official test list for ``ucf101`` / ``hmdb51``
+            formats, none otherwise).
+        test: test videos (same default as ``val``).
+        format: index format of the sources: ``auto``, ``class_folders``, ``folder``, ``csv``,
+            ``ucf101``, ``hmdb51``.
+        split: official split (1-3) for UCF101 / HMDB51.
+        annotations: folder of official split files when not next to the videos.
+        clip_len: frames per clip ``T``.
+        stride: frame step inside a clip.
+        num_views: views per training video (instance sampling); set it to the method's
+            ``num_views``.
+        short_side: decode-time resize of the shorter frame side (aspect kept).
+        crop_size: output side of training crops and evaluation centre crops.
+        train_preset: training augmentation preset (``simclr``, ``slic``, ``crop_flip``).
+        eval_num_clips: clips per video for val/test loaders (views ``0..N-1``; retrieval
+            protocols average features over them); the bank loader always uses 1 centre clip.
+        max_shift: temporal shift of later training views from the first (``None``:
+            independent random clips).
+        drop_p: probability of temporal frame drop (keep even/odd of ``2T`` frames).
+        reverse_p: probability of reversing a training view.
+        shuffle_p: probability of shuffling a training view's frames.
+        repeat_anchor: for pair sampling, add a third view repeating the anchor's frames.
+        batch_size: training batch size (per process).
+        eval_batch_size: val/test/bank batch size (default ``batch_size``).
+        num_workers: DataLoader worker processes.
+        backend: decoding backend, ``decord`` or ``pyav``.
+        decode_threads: decoder threads per worker.
+        decode_device: ``cpu`` or ``cuda[:N]`` (decord built with CUDA).
+        train_on_error: training policy for undecodable videos (``resample`` or ``raise``).
+        eval_on_error: evaluation policy for undecodable videos.
+        timeout: DataLoader timeout in seconds (0 = none); turns a decoder hang into an error.
+        pin_memory: pin host memory of batches.
+        persistent_workers: keep workers alive between epochs.
+        drop_last: drop the last incomplete training batch.
+        cache_dir: folder of the probed-metadata manifests (default ``~/.cache/vidssl``).
+        drop_unreadable: drop videos that fail probing instead of handling them by ``on_error``.
+    """
+
+    def __init__(
+        self,
+        train: str | None = None,
+        val: str | None = None,
+        test: str | None = None,
+        format: Literal["auto", "class_folders", "folder", "csv", "ucf101", "hmdb51"] = "auto",
+        split: int = 1,
+        annotations: str | None = None,
+        clip_len: int = 16,
+        stride: int = 2,
+        num_views: int = 2,
+        short_side: int = 128,
+        crop_size: int = 112,
+        train_preset: str = "simclr",
+        eval_num_clips: int = 1,
+        max_shift: int | None = None,
+        drop_p: float = 0.0,
+        reverse_p: float = 0.0,
+        shuffle_p: float = 0.0,
+        repeat_anchor: bool = False,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        backend: Literal["decord", "pyav"] = "decord",
+        decode_threads: int = 1,
+        decode_device: str = "cpu",
+        train_on_error: Literal["resample", "raise"] = "resample",
+        eval_on_error: Literal["resample", "raise"] = "raise",
+        timeout: float = 0.0,
+        pin_memory: bool = True,
+        persistent_workers: bool = False,
+        drop_last: bool = True,
+        cache_dir: str | None = None,
+        drop_unreadable: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_source, self.val_source, self.test_source = train, val, test
+        self.format = format
+        self.split = split
+        self.annotations = annotations
+        self.clip_len = clip_len
+        self.stride = stride
+        self.num_views = num_views
+        self.short_side = short_side
+        self.crop_size = crop_size
+        self.eval_num_clips = eval_num_clips
+        self.temporal = TemporalTransform(max_shift, drop_p, reverse_p, shuffle_p)
+        self.repeat_anchor = repeat_anchor
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.backend = backend
+        self.decode_threads = decode_threads
+        self.decode_device = decode_device
+        self.train_on_error = train_on_error
+        self.eval_on_error = eval_on_error
+        self.timeout = timeout
+        self.pin_memory = pin_memory
+        self.persistent_workers = persistent_workers
+        self.drop_last = drop_last
+        self.cache_dir = cache_dir
+        self.drop_unreadable = drop_unreadable
+        self.train_augmentation = build_augmentation(train_preset, crop_size)
+        self.eval_transform = EvalTransform(crop_size)
+        self.train_dataset: VideoDataset | None = None
+        self.val_dataset: VideoDataset | None = None
+        self.test_dataset: VideoDataset | None = None
+        self._train_batch_sampler: Iterable | None = None
+
+    # -- indexes and datasets -----------------------------------------------------------------
+
+    def _index(self, source: str | None, subset: Literal["train", "test"]) -> VideoIndex | None:
+        if source is None:
+            return None
+        index = read_index(source, self.format, self.split, subset, self.annotations)
+        return index.probe(cache_dir=self.cache_dir, drop_unreadable=self.drop_unreadable)
+
+    def _official(self, source: str | None) -> bool:
+        from vidssl.data.index import detect_format
+
+        fmt = self.format if self.format != "auto" else (detect_format(source) if source else "")
+        return fmt in ("ucf101", "hmdb51")
+
+    def _dataset(self, index: VideoIndex, mode: str, num_clips: int = 1) -> VideoDataset:
+        train = mode == "train"
+        return VideoDataset(
+            index,
+            clip_len=self.clip_len,
+            stride=self.stride,
+            num_views=self.num_views,
+            mode="train" if train else "eval",
+            num_clips=num_clips,
+            temporal=self.temporal,
+            short_side=self.short_side,
+            backend=self.backend,
+            decode_threads=self.decode_threads,
+            decode_device=self.decode_device,
+            on_error=self.train_on_error if train else self.eval_on_error,
+            repeat_anchor=self.repeat_anchor,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read and probe the indexes (cached manifests make a second start near-instant)."""
+        if self.train_dataset is None and self.train_source is not None:
+            index = self._index(self.train_source, "train")
+            self.train_dataset = self._dataset(index, "train")
+        official = self._official(self.train_source) if self.train_source else False
+        val_source = self.val_source or (self.train_source if official else None)
+        test_source = self.test_source or (self.train_source if official else None)
+        if self.val_dataset is None and val_source is not None:
+            self.val_dataset = self._dataset(
+                self._index(val_source, "test"), "eval", self.eval_num_clips
+            )
+        if self.test_dataset is None and test_source is not None:
+            if test_source == val_source and self.val_dataset is not None:
+                self.test_dataset = self.val_dataset
+            else:
+                self.test_dataset = self._dataset(
+                    self._index(test_source, "test"), "eval", self.eval_num_clips
+                )
+
+    def _require(self, ds: VideoDataset | None, what: str) -> VideoDataset:
+        if ds is None:
+            self.setup()
+            ds = getattr(self, f"{what}_dataset")
+        if ds is None:
+            raise RuntimeError(
+                f"No {what} videos: pass VideoDataModule({what}=...) (UCF101 / HMDB51 layouts "
+                "take val and test from the official test list)."
+            )
+        return ds
+
+    # -- information for callbacks ------------------------------------------------------------
+
+    @property
+    def train_labels(self) -> np.ndarray:
+        """Ground-truth labels of the training videos, ``N`` int64 (``-1`` unknown)."""
+        return self._require(self.train_dataset, "train").labels
+
+    @property
+    def num_train_videos(self) -> int:
+        """``N``, the number of training videos (the length of pseudo-label tensors)."""
+        return len(self._require(self.train_dataset, "train"))
+
+    @property
+    def decode_failures(self) -> dict[str, int]:
+        """Undecodable videos met so far, per split (for the trainer to log)."""
+        out = {}
+        for name in ("train", "val", "test"):
+            ds = getattr(self, f"{name}_dataset")
+            if ds is not None:
+                out[name] = ds.decode_failures
+        return out
+
+    # -- dataloaders --------------------------------------------------------------------------
+
+    def set_train_batch_sampler(self, batch_sampler: Iterable | None) -> None:
+        """Use ``batch_sampler`` for training: it yields lists of indices or ``(a, p)`` pairs.
+
+        The sampler lives in the main process, so it can change what it yields (e.g. after new
+        pseudo-labels) without restarting workers. Under DDP it must itself yield each rank's
+        share (Lightning does not re-shard a custom batch sampler). ``None`` restores shuffling.
+        """
+        self._train_batch_sampler = batch_sampler
+
+    def _loader(self, ds: VideoDataset, **kwargs: Any) -> DataLoader:
+        workers = self.num_workers
+        return DataLoader(
+            ds,
+            num_workers=workers,
+            collate_fn=collate_videos,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            persistent_workers=self.persistent_workers and workers > 0,
+            timeout=self.timeout if workers > 0 else 0,
+            **kwargs,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Return shuffled training batches, or the external batch sampler's batches when set."""
+        ds = self._require(self.train_dataset, "train")
+        if self._train_batch_sampler is not None:
+            return self._loader(ds, batch_sampler=self._train_batch_sampler)
+        return self._loader(ds, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last)
+
+    def val_dataloader(self) -> DataLoader:
+        """Return validation batches: ``eval_num_clips`` spread clips per video, fixed order."""
+        return self._loader(
+            self._require(self.val_dataset, "val"), batch_size=self.eval_batch_size, shuffle=False
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        """Return test batches: ``eval_num_clips`` spread clips per video, fixed order."""
+        return self._loader(
+            self._require(self.test_dataset, "test"), batch_size=self.eval_batch_size, shuffle=False
+        )
+
+    def eval_dataloader(
+        self,
+        split: Literal["train", "val", "test"] = "test",
+        num_clips: int = 1,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> DataLoader:
+        """Return every video of ``split`` once, ``num_clips`` evenly spread clips, fixed order.
+
+        Views ``0..num_clips-1`` of a batch are the clips in time order (one centre clip when
+        ``num_clips == 1``); retrieval protocols average their features per video. Batches are
+        uint8: apply ``augment(batch, train=False)`` on the device unless the loader runs through
+        a Lightning loop, whose ``on_after_batch_transfer`` does it.
+
+        Under DDP each rank gets a disjoint shard (``DistributedSampler(shuffle=False)``, which
+        pads the last shard by repeating indices); the ``index`` key of each batch is the true
+        dataset index, so gathered features can be de-duplicated. ``rank`` and ``world_size``
+        default to the attached trainer's (or ``torch.distributed``'s, or a single process).
+        """
+        source = self._require(getattr(self, f"{split}_dataset", None), split)
+        ds = self._dataset(source.index, "eval", num_clips)
+        if world_size is None:
+            rank, world_size = _rank_and_world(self)
+        if world_size > 1:
+            sampler = DistributedSampler(
+                ds, num_replicas=world_size, rank=rank or 0, shuffle=False, drop_last=False
+            )
+            return self._loader(ds, batch_size=self.eval_batch_size, sampler=sampler)
+        return self._loader(ds, batch_size=self.eval_batch_size, shuffle=False)
+
+    def bank_dataloader(
+        self, rank: int | None = None, world_size: int | None = None
+    ) -> DataLoader:
+        """Return every training video once, one centre clip, in a fixed order (feature banks).
+
+        The same as ``eval_dataloader("train", num_clips=1, rank, world_size)``: evaluation
+        decoding policy, DDP shards padded by repetition (de-duplicate by ``index``).
+        """
+        return self.eval_dataloader("train", 1, rank, world_size)
+
+    # -- augmentation -------------------------------------------------------------------------
+
+    def augment(self, batch: dict[str, Any], train: bool = True) -> dict[str, Any]:
+        """Turn uint8 ``views`` into float ``B x C x T x H x W`` on their device, in place.
+
+        ``train=True`` applies the training preset independently to every view (one draw per
+        clip); ``train=False`` the evaluation transform. Views that are already float are left
+        as they are, so augmenting twice is harmless.
+        """
+        transform = self.train_augmentation if train else self.eval_transform
+        views = batch["views"]
+        device = views[0].device
+        transform.to(device)
+        batch["views"] = [transform(v) if v.dtype == torch.uint8 else v for v in views]
+        return batch
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Augment on the device: training preset while training, evaluation transform else."""
+        if not isinstance(batch, dict) or "views" not in batch:
+            return batch
+        trainer = getattr(self, "trainer", None)
+        train = bool(trainer is not None and trainer.training)
+        return self.augment(batch, train=train)
+
+
+def _rank_and_world(dm: pl.LightningDataModule) -> tuple[int, int]:
+    trainer = getattr(dm, "trainer", None)
+    if trainer is not None:
+        return trainer.global_rank, trainer.world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1

@@ -1,0 +1,286 @@
+"""The video dataset: decode the views of one video (or of an anchor/positive pair) as uint8.
+
+Workers open the file inside ``__getitem__``, decode exactly the frames the views need in one pass
+and return uint8 ``T x H x W x C`` tensors; damaged files follow the ``on_error`` policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal, Sequence, Union
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from vidssl.data.decoding import VideoDecoder, build_decoder, resized_size
+from vidssl.data.index import VideoIndex
+from vidssl.data.sampling import (
+    TemporalTransform,
+    clip_span,
+    loop_indices,
+    non_overlapping_start,
+    random_clip,
+    uniform_clips,
+)
+
+__all__ = ["VideoDataset", "collate_videos", "Item"]
+
+log = logging.getLogger(__name__)
+
+#: What a sampler yields: a dataset index, or an ``(anchor, positive)`` pair of indices.
+Item = Union[int, Sequence[int]]
+
+OnError = Literal["resample", "raise"]
+
+
+class VideoDataset(Dataset):
+    """Decode clips of indexed videos into uint8 views.
+
+    ``dataset[i]`` (instance sampling) returns ``num_views`` views of video ``i``; in ``"train"``
+    mode each view is a random clip (later views shifted from the first by ``temporal.max_shift``
+    when set), in ``"eval"`` mode the views are ``num_clips`` clips spread evenly over the video
+    (one centre clip when ``num_clips == 1``). ``dataset[(a, p)]`` (pair sampling, as
+    cluster-guided batch samplers yield) returns view 0 from ``a`` and view 1 from ``p``; when
+    ``p == a`` the positive clip does not overlap the anchor's (SLIC); with ``repeat_anchor`` a
+    third view repeats the anchor's frames. All views of one video come from one decoder pass.
+
+    Each item is a dict: ``views`` (list of uint8 ``T x H x W x C`` tensors), ``index`` (int, the
+    dataset index of the video or anchor that was actually decoded), ``label`` (int, -1 unknown)
+    and, for pairs, ``positive_index``.
+
+    Args:
+        index: the probed :class:`~vidssl.data.index.VideoIndex`.
+        clip_len: frames per clip ``T``.
+        stride: frame step inside a clip.
+        num_views: views per video for instance sampling in ``"train"`` mode.
+        mode: ``"train"`` (random clips) or ``"eval"`` (deterministic evenly spread clips).
+        num_clips: clips per video in ``"eval"`` mode (views ``0..num_clips-1``, in time order).
+        temporal: temporal transforms of training views.
+        short_side: decode-time resize of the shorter frame side (aspect kept); ``0`` = native.
+        backend: ``"decord"`` (random access; exact-flagged files via PyAV) or ``"pyav"``.
+        decode_threads: decoder threads per worker.
+        decode_device: ``"cpu"`` or ``"cuda[:N]"`` (decord built with CUDA only).
+        on_error: ``"resample"`` (log once, count, decode another random video) or ``"raise"``.
+        max_consecutive_failures: ``resample`` gives up with an error after this many failures
+            in a row (a sign that the data, not one file, is broken).
+        repeat_anchor: for pair sampling, add a third view repeating the anchor's frames.
+        positive_overlap: for pairs with ``p == a``, allow the positive to overlap the anchor.
+    """
+
+    def __init__(
+        self,
+        index: VideoIndex,
+        clip_len: int = 16,
+        stride: int = 2,
+        num_views: int = 2,
+        mode: Literal["train", "eval"] = "train",
+        num_clips: int = 1,
+        temporal: TemporalTransform | None = None,
+        short_side: int = 128,
+        backend: str = "decord",
+        decode_threads: int = 1,
+        decode_device: str = "cpu",
+        on_error: OnError = "resample",
+        max_consecutive_failures: int = 20,
+        repeat_anchor: bool = False,
+        positive_overlap: bool = False,
+    ) -> None:
+        if mode not in ("train", "eval"):
+            raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}.")
+        if on_error not in ("resample", "raise"):
+            raise ValueError(f"on_error must be 'resample' or 'raise', got {on_error!r}.")
+        if clip_len < 1 or stride < 1 or num_views < 1 or num_clips < 1:
+            raise ValueError("clip_len, stride, num_views and num_clips must be >= 1.")
+        if not index.probed:
+            index.probe()
+        self.index = index
+        self.clip_len = clip_len
+        self.stride = stride
+        self.num_views = num_views
+        self.mode = mode
+        self.num_clips = num_clips
+        self.temporal = temporal or TemporalTransform()
+        self.short_side = short_side
+        self.backend = backend
+        self.decode_threads = decode_threads
+        self.decode_device = decode_device
+        self.on_error = on_error
+        self.max_consecutive_failures = max_consecutive_failures
+        self.repeat_anchor = repeat_anchor
+        self.positive_overlap = positive_overlap
+        # Shared across DataLoader workers (shared memory, inherited or pickled by torch), so the
+        # main process can read the count; increments can race rarely, acceptable for a log value.
+        self._failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+        self._decoder: VideoDecoder | None = None
+        self._rng: np.random.Generator | None = None
+        self._rng_key: tuple[int, int] | None = None
+        self._logged: set[str] = set()
+        self._readable = np.flatnonzero(index.num_frames > 0)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    @property
+    def decode_failures(self) -> int:
+        """Videos that failed to decode so far (summed over all workers)."""
+        return int(self._failures.item())
+
+    @property
+    def labels(self) -> np.ndarray:
+        """Ground-truth labels ``N`` (``-1`` unknown)."""
+        return self.index.labels
+
+    # -- per-process state -------------------------------------------------------------------
+
+    def _state(self) -> tuple[VideoDecoder, np.random.Generator]:
+        # Built lazily in the process that decodes: decoders never cross a fork, and every
+        # worker (and every epoch's fresh workers) gets its own random stream from torch's seed.
+        key = (os.getpid(), torch.initial_seed())
+        if self._rng_key != key:
+            self._rng = np.random.default_rng(key[1] % 2**63)
+            self._rng_key = key
+        if self._decoder is None:
+            self._decoder = build_decoder(self.backend, self.decode_threads, self.decode_device)
+        return self._decoder, self._rng
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_decoder"] = None
+        return state
+
+    # -- sampling ----------------------------------------------------------------------------
+
+    def _read(self, i: int, clips: list[np.ndarray]) -> list[torch.Tensor]:
+        """Decode ``clips`` (index arrays) of video ``i`` in one decoder pass."""
+        decoder, _ = self._state()
+        w, h = int(self.index.width[i]), int(self.index.height[i])
+        size = resized_size(w, h, self.short_side) if w and h else None
+        frames = decoder.read(
+            str(self.index.paths[i]), np.concatenate(clips), size, bool(self.index.exact[i])
+        )
+        out, pos = [], 0
+        for c in clips:
+            out.append(torch.from_numpy(frames[pos : pos + len(c)]))
+            pos += len(c)
+        return out
+
+    def _instance_clips(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
+        if self.mode == "eval":
+            return list(uniform_clips(n, self.clip_len, self.stride, self.num_clips))
+        span = clip_span(self.clip_len, self.stride)
+        start = int(random_clip(n, self.clip_len, self.stride, rng)[0])
+        clips = []
+        for v in range(self.num_views):
+            s = start if v == 0 else self.temporal.shifted_start(start, n, span, rng)
+            clips.append(self.temporal.view_indices(s, n, self.clip_len, self.stride, rng))
+        return clips
+
+    def _sample(self, item: Item, rng: np.random.Generator) -> dict[str, Any]:
+        nf = self.index.num_frames
+        if isinstance(item, (int, np.integer)):
+            i = int(item)
+            if nf[i] <= 0:
+                raise RuntimeError("the video has no decodable frames (probing failed)")
+            views = self._read(i, self._instance_clips(int(nf[i]), rng))
+            return {"views": views, "index": i, "label": int(self.index.labels[i])}
+        a, p = (int(x) for x in item)
+        for j in (a, p):
+            if nf[j] <= 0:
+                raise RuntimeError(f"video {j} has no decodable frames (probing failed)")
+        span = clip_span(self.clip_len, self.stride)
+        na = int(nf[a])
+        anchor = random_clip(na, self.clip_len, self.stride, rng)
+        if p == a:
+            start = (
+                int(random_clip(na, self.clip_len, self.stride, rng)[0])
+                if self.positive_overlap
+                else non_overlapping_start(int(anchor[0]), na, span, rng)
+            )
+            positive = loop_indices(start, self.clip_len, self.stride, na)
+            views = self._read(a, [anchor, positive])
+        else:
+            views = self._read(a, [anchor]) + self._read(
+                p, [random_clip(int(nf[p]), self.clip_len, self.stride, rng)]
+            )
+        if self.repeat_anchor:
+            views.append(views[0])
+        return {
+            "views": views,
+            "index": a,
+            "label": int(self.index.labels[a]),
+            "positive_index": p,
+        }
+
+    def __getitem__(self, item: Item) -> dict[str, Any]:
+        """Decode the views of ``item`` (an index or an ``(anchor, positive)`` pair)."""
+        _, rng = self._state()
+        failures: list[str] = []
+        while True:
+            try:
+                return self._sample(item, rng)
+            except Exception as exc:  # noqa: BLE001 - any decoder error goes through the policy
+                first = item if isinstance(item, (int, np.integer)) else item[0]
+                path = str(self.index.paths[int(first)])
+                msg = f"{path}: {type(exc).__name__}: {exc}"
+                if self.on_error == "raise":
+                    raise RuntimeError(
+                        f"Could not decode {msg} (on_error='raise'; use on_error='resample' to "
+                        "skip damaged videos, or check the file with `vidssl check-videos`)."
+                    ) from exc
+                self._failures += 1
+                failures.append(msg)
+                if path not in self._logged:
+                    self._logged.add(path)
+                    log.warning("Skipping undecodable video (on_error='resample'): %s", msg)
+                if len(failures) >= self.max_consecutive_failures:
+                    raise RuntimeError(
+                        f"{len(failures)} consecutive videos failed to decode; giving up "
+                        f"(on_error='resample'). Last failures: {'; '.join(failures[-3:])}"
+                    ) from exc
+                # Draw among videos that probed readable; fall back to any when none did.
+                pool = self._readable if len(self._readable) else np.arange(len(self))
+                j = int(pool[rng.integers(len(pool))])
+                item = j if isinstance(item, (int, np.integer)) else (j, j)
+
+
+def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.stack``, into shared memory when called in a DataLoader worker.
+
+    Like ``default_collate``: the batch is written once into shared memory and the worker sends a
+    handle. Stacking into ordinary memory instead makes the sender copy it into shared memory,
+    and measured worker RSS then grew by ~500 MiB over 1000 clips (docs/benchmarks.md).
+    """
+    if torch.utils.data.get_worker_info() is None:
+        return torch.stack(tensors)
+    elem = tensors[0]
+    # The same calls as torch.utils.data.default_collate.
+    storage = elem._typed_storage()._new_shared(sum(t.numel() for t in tensors), device=elem.device)
+    out = elem.new(storage).resize_(len(tensors), *elem.shape)
+    return torch.stack(tensors, out=out)
+
+
+def _crop_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    top, left = (x.shape[-3] - h) // 2, (x.shape[-2] - w) // 2
+    return x[..., top : top + h, left : left + w, :]
+
+
+def collate_videos(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack dataset items into a batch: ``views`` (list of uint8 ``B x T x H x W x C``), longs.
+
+    Videos of different aspect ratios decode to different sizes; each view is centre-cropped to
+    the smallest height and width in the batch (slicing only: no float work in workers).
+    """
+    num_views = len(samples[0]["views"])
+    views = []
+    for v in range(num_views):
+        clips = [s["views"][v] for s in samples]
+        h = min(c.shape[-3] for c in clips)
+        w = min(c.shape[-2] for c in clips)
+        views.append(_stack([_crop_to(c, h, w) for c in clips]))
+    batch: dict[str, Any] = {"views": views}
+    for key in samples[0]:
+        if key != "views":
+            batch[key] = _stack([torch.tensor(s[key], dtype=torch.int64) for s in samples])
+    return batch
