@@ -1,0 +1,255 @@
+"""The method base class, SimCLR and MoCo: API, errors, EMA, schedules, training on videos."""
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vidssl.methods import (
+    LARS,
+    MoCo,
+    SimCLR,
+    VideoSSLMethod,
+    cosine_momentum,
+    ema_update,
+    warmup_cosine,
+)
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "adding_a_method.md"
+TINY = dict(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16})
+
+
+def _batch(b=4, views=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "views": [torch.randn(b, 3, 4, 16, 16, generator=g) for _ in range(views)],
+        "index": torch.arange(b),
+        "label": torch.full((b,), -1),
+    }
+
+
+class _Views(Dataset):
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, i):
+        b = _batch(1, seed=i)
+        return {"views": [v[0] for v in b["views"]], "index": i, "label": -1}
+
+
+def _trainer(**kw):
+    return pl.Trainer(
+        accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, **kw,
+    )  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- API and errors
+def test_unknown_optimizer_lists_valid():
+    with pytest.raises(ValueError, match="unknown optimizer 'adam'.*sgd, adamw, lars"):
+        SimCLR(optimizer="adam", **TINY)
+
+
+def test_backbone_without_feature_dim():
+    with pytest.raises(ValueError, match="feature_dim"):
+        SimCLR(backbone=nn.Conv3d(3, 4, 1))
+
+
+def test_forward_embed_and_checkpoint_keys():
+    m = MoCo(queue_size=16, **TINY).eval()
+    clips = _batch(3)["views"][0]
+    feats = m(clips)
+    assert feats.shape == (3, m.feature_dim)
+    emb = m.embed(clips)
+    proj = m.embed(clips, projection=True)
+    assert proj.shape == (3, 128)
+    torch.testing.assert_close(emb.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(proj.norm(dim=1), torch.ones(3))
+    torch.testing.assert_close(emb, nn.functional.normalize(feats, dim=1))
+    keys = m.state_dict().keys()
+    assert {"queue", "queue_ptr"} <= set(keys)
+    assert any(k.startswith("backbone.") for k in keys)
+    assert not any(k.startswith("pseudo_labels") for k in keys)
+
+
+def test_moco_version_defaults():
+    v1, v2 = MoCo(version=1, queue_size=16, **TINY), MoCo(version=2, queue_size=16, **TINY)
+    assert (v1.temperature, v2.temperature) == (0.07, 0.2)
+    assert [type(m) for m in v1.projection] == [nn.Linear]
+    assert [type(m) for m in v2.projection] == [nn.Linear, nn.ReLU, nn.Linear]
+    assert v2.ema_momentum == 0.999
+    with pytest.raises(ValueError, match="version"):
+        MoCo(version=3, **TINY)
+
+
+def test_simclr_head_has_bn():
+    m = SimCLR(**TINY)
+    assert [type(x) for x in m.projection] == [nn.Linear, nn.BatchNorm1d, nn.ReLU, nn.Linear]
+    assert m.projection[0].out_features == m.feature_dim  # hidden = feature size
+
+
+def test_batch_checks():
+    m = SimCLR(**TINY)
+    with pytest.raises(ValueError, match="needs 2 views per batch but the batch has 1"):
+        m.training_step(_batch(views=1), 0)
+    uint8 = _batch()
+    uint8["views"] = [torch.zeros(4, 4, 16, 16, 3, dtype=torch.uint8)] * 2
+    with pytest.raises(ValueError, match="float views"):
+        m.training_step(uint8, 0)
+
+    class NeedsPositive(SimCLR):
+        required_keys = ("positive_index",)
+
+    with pytest.raises(ValueError, match="positive_index"):
+        NeedsPositive(**TINY).training_step(_batch(), 0)
+
+
+class _DM(pl.LightningDataModule):
+    def __init__(self, num_views=2, batch_size=4):
+        super().__init__()
+        self.num_views, self.batch_size = num_views, batch_size
+
+    def train_dataloader(self):
+        return DataLoader(_Views(), batch_size=self.batch_size)
+
+
+def test_setup_checks_views_and_queue():
+    with pytest.raises(ValueError, match="needs 2 views per sample but the data module gives 1"):
+        _trainer(fast_dev_run=1).fit(SimCLR(**TINY), datamodule=_DM(num_views=1))
+    with pytest.raises(ValueError, match="queue_size=16 must be a multiple of the global batch"):
+        _trainer(fast_dev_run=1).fit(MoCo(queue_size=16, **TINY), datamodule=_DM(batch_size=3))
+    m = MoCo(queue_size=16, **TINY)
+    with pytest.raises(ValueError, match="multiple of the global batch size 3"):
+        m.enqueue(torch.randn(3, 128))
+
+
+def test_set_pseudo_labels():
+    m = SimCLR(**TINY)
+    m.set_pseudo_labels([0, -1, 2])
+    assert m.pseudo_labels.dtype == torch.long and m.pseudo_labels.tolist() == [0, -1, 2]
+
+
+# ----------------------------------------------------------------------------- EMA, schedules
+def test_ema_update_formula():
+    online, target = nn.Linear(3, 2), nn.Linear(3, 2)
+    before = [p.clone() for p in target.parameters()]
+    ema_update(online, target, 0.9)
+    for t, b, o in zip(target.parameters(), before, online.parameters()):
+        torch.testing.assert_close(t, 0.9 * b + 0.1 * o.detach())
+
+
+def test_moco_key_encoder_follows_by_ema_after_each_step():
+    torch.manual_seed(0)
+    m = MoCo(queue_size=16, ema_momentum=0.9, **TINY)
+    key_before = copy.deepcopy(m.key_backbone.state_dict())
+    _trainer(max_steps=1).fit(m, DataLoader(_Views(), batch_size=4))
+    online = m.backbone.state_dict()
+    for name, p in m.key_backbone.named_parameters():
+        torch.testing.assert_close(p, 0.9 * key_before[name] + 0.1 * online[name])
+    assert m.queue_ptr.item() == 4
+    assert not any(p.requires_grad for p in m.key_backbone.parameters())
+
+
+def test_warmup_cosine_values():
+    assert warmup_cosine(0, 4, 20) == pytest.approx(0.25)
+    assert warmup_cosine(3, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(4, 4, 20) == pytest.approx(1.0)
+    assert warmup_cosine(12, 4, 20) == pytest.approx(0.5)  # half-way through the decay
+    assert warmup_cosine(20, 4, 20, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_cosine_momentum_values():
+    assert cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
+    assert cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
+    assert cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
+
+
+def test_lars_step_matches_formula():
+    w = nn.Parameter(torch.tensor([3.0, 4.0]))  # ||w|| = 5
+    b = nn.Parameter(torch.tensor([1.0]))
+    opt = LARS(
+        [{"params": [w]}, {"params": [b], "weight_decay": 0.0, "lars_adaptation": False}],
+        lr=0.1, momentum=0.9, weight_decay=0.5, eta=0.01,
+    )  # fmt: skip
+    w.grad, b.grad = torch.tensor([1.0, 0.0]), torch.tensor([2.0])
+    opt.step()
+    g = torch.tensor([1.0, 0.0]) + 0.5 * torch.tensor([3.0, 4.0])  # (2.5, 2)
+    trust = 0.01 * 5.0 / math.hypot(2.5, 2.0)
+    torch.testing.assert_close(w.detach(), torch.tensor([3.0, 4.0]) - 0.1 * trust * g)
+    torch.testing.assert_close(b.detach(), torch.tensor([1.0 - 0.1 * 2.0]))
+
+
+def test_lr_schedule_is_stepped_per_step():
+    m = SimCLR(optimizer="lars", lr=1.0, warmup_epochs=1, **TINY)
+    lrs = []
+
+    class Rec(pl.Callback):
+        def on_train_batch_start(self, trainer, *args):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _trainer(max_epochs=2, callbacks=[Rec()]).fit(m, DataLoader(_Views(), batch_size=4))
+    # 2 steps per epoch: warm-up 1/2, 2/2, then cosine over the remaining 2 steps.
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5])
+
+
+# ----------------------------------------------------------------------------- the docs example
+def _doc_code():
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
+    return blocks[0]
+
+
+def test_doc_example_is_short_and_trains():
+    code = _doc_code()
+    assert len(code.strip().splitlines()) < 60
+    namespace = {}
+    exec(compile(code, str(DOC), "exec"), namespace)
+    byol = namespace["BYOL"](proj_hidden_dim=32, proj_output_dim=16, **TINY)
+    assert isinstance(byol, VideoSSLMethod)
+    target_before = copy.deepcopy(byol.target_backbone.state_dict())
+    online_before = copy.deepcopy(byol.backbone.state_dict())
+    _trainer(max_steps=2).fit(byol, DataLoader(_Views(), batch_size=4))
+    moved = [
+        not torch.equal(p, target_before[n]) for n, p in byol.target_backbone.named_parameters()
+    ]
+    assert all(moved)  # the base's EMA update ran
+    assert any(not torch.equal(p, online_before[n]) for n, p in byol.backbone.named_parameters())
+
+
+# ----------------------------------------------------------------------------- on videos
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["simclr", "moco"])
+def test_trains_on_generated_videos(name, tiny_video_root):
+    from vidssl.data import VideoDataModule
+
+    dm = VideoDataModule(
+        train=str(tiny_video_root), clip_len=4, stride=2, short_side=32, crop_size=32,
+        batch_size=4, num_workers=0, backend="pyav",
+    )  # fmt: skip
+    torch.manual_seed(0)
+    m = SimCLR(**TINY) if name == "simclr" else MoCo(queue_size=16, **TINY)
+    before = copy.deepcopy(m.backbone.state_dict())
+    trainer = _trainer(fast_dev_run=2)
+    trainer.fit(m, datamodule=dm)
+    loss = trainer.callback_metrics["train/loss"]
+    assert torch.isfinite(loss) and loss.item() > 0
+    assert any(not torch.equal(p, before[n]) for n, p in m.backbone.named_parameters())
+
+
+@pytest.mark.parametrize("cls", [SimCLR, MoCo])
+def test_checkpoint_round_trip(cls, tmp_path):
+    torch.manual_seed(0)
+    kw = dict(queue_size=16, version=1) if cls is MoCo else dict(temperature=0.3)
+    m = cls(**kw, **TINY)
+    trainer = _trainer(max_steps=1)
+    trainer.fit(m, DataLoader(_Views(), batch_size=4))
+    trainer.save_checkpoint(tmp_path / "m.ckpt")
+    loaded = cls.load_from_checkpoint(tmp_path / "m.ckpt")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k]), k
+    assert loaded.temperature == m.temperature

@@ -1,0 +1,496 @@
+"""The ``PseudoLabels`` callback: re-cluster the training set on a schedule and hand labels over.
+
+It embeds every training video, gathers the bank across ranks, clusters it on rank 0, broadcasts
+the labels, checkpoints them, and logs how well they agree with the ground truth.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from torch import nn
+
+from vidssl import clustering
+from vidssl import distributed as vdist
+
+__all__ = ["PseudoLabels", "pair_error_rates"]
+
+log = logging.getLogger(__name__)
+
+FEATURES = ("backbone", "projection")
+
+
+def pair_error_rates(pseudo: Any, truth: Any) -> Dict[str, float]:
+    """How often cluster positives and negatives are wrong with respect to the ground truth.
+
+    Averaged over anchors ``a`` with a known class (``truth >= 0``; unknown ones are left out):
+
+    - ``positive_fp_rate``: the share of the *other* members of ``a``'s cluster whose class
+      differs from ``a``'s, over anchors whose cluster has another member. It is the chance
+      that a positive drawn from the cluster (as ``ClusterBatchSampler`` draws them) is false.
+    - ``negative_fn_rate``: the share of the videos outside ``a``'s cluster that have ``a``'s
+      class: the chance that a negative drawn outside the cluster is a false negative.
+
+    SLIC tracks the same two kinds of errors on its sampled triplets (``FP``/``FN`` in its
+    ``online_train.py``). Computed from the contingency table in float64, ``O(N + K C)``.
+
+    Args:
+        pseudo: ``N`` cluster labels (any integers).
+        truth: ``N`` class labels, ``-1`` where unknown.
+    """
+    p = np.asarray(torch.as_tensor(pseudo).cpu().numpy()).reshape(-1)
+    t = np.asarray(torch.as_tensor(truth).cpu().numpy()).reshape(-1)
+    if p.shape != t.shape:
+        raise ValueError(f"pseudo ({p.shape[0]}) and truth ({t.shape[0]}) differ in length.")
+    known = t >= 0
+    p, t = p[known], t[known]
+    n = p.shape[0]
+    if n == 0:
+        return {}
+    _, pi = np.unique(p, return_inverse=True)
+    _, ti = np.unique(t, return_inverse=True)
+    cont = np.zeros((pi.max() + 1, ti.max() + 1), dtype=np.float64)
+    np.add.at(cont, (pi, ti), 1.0)
+    a = cont.sum(axis=1)  # cluster sizes
+    b = cont.sum(axis=0)  # class sizes
+    # Anchors in cell (cluster j, class i) count n_ji each.
+    others_in = a[:, None] - 1.0  # other members of the anchor's cluster
+    wrong_in = a[:, None] - cont  # of those, other classes
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fp = np.where(others_in > 0, wrong_in / others_in, 0.0)
+        outside = n - a[:, None]
+        fn = np.where(outside > 0, (b[None, :] - cont) / outside, 0.0)
+    has_other = np.broadcast_to(others_in > 0, cont.shape)
+    has_outside = np.broadcast_to(outside > 0, cont.shape)
+    out: Dict[str, float] = {}
+    if (cont * has_other).sum() > 0:
+        out["positive_fp_rate"] = float((cont * fp).sum() / (cont * has_other).sum())
+    if (cont * has_outside).sum() > 0:
+        out["negative_fn_rate"] = float((cont * fn).sum() / (cont * has_outside).sum())
+    return out
+
+
+def _has_sklearn() -> bool:
+    try:
+        import sklearn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class PseudoLabels(pl.Callback):
+    """Re-cluster the training videos every ``every_n_epochs`` and hand the labels over.
+
+    At ``on_train_epoch_start`` of epochs ``start_epoch, start_epoch + k, ...`` it embeds every
+    training video (the data module's ``bank_dataloader()``: one centre clip, evaluation
+    transform, model in eval mode), all-gathers ``(index, feature, label)`` across ranks with
+    padding, drops the ``DistributedSampler``'s padding duplicates by index, clusters on rank 0
+    (``vidssl.clustering.cluster``), broadcasts the labels and calls
+    ``pl_module.set_pseudo_labels(labels)`` and ``batch_sampler.set_labels(labels)`` of the
+    training loader (``docs/concepts.md``). It does the hand-off again at every epoch start and
+    after a resume, so reloaded dataloaders and resumed runs see the same labels.
+
+    The labels (``LongTensor N``), the epoch they were made (``-1``: before training) and the
+    diagnostics are in :meth:`state_dict`, saved in Lightning checkpoints: a resumed run uses
+    them and re-clusters only when the schedule says so, never because of the resume.
+
+    Logged under ``pseudo_labels/`` each time: cluster count, size min/median/max, singletons,
+    NMI/AMI/ARI against the ground truth where known, and :func:`pair_error_rates`.
+
+    Arguments left at ``None`` take the method's ``pseudo_label_defaults`` (a class attribute of
+    ``ClusterTriplet`` and ``ClusterContrast``), then the values in brackets.
+
+    Args:
+        every_n_epochs: re-clustering period ``k`` [5].
+        start_epoch: first re-clustering epoch [0].
+        method: ``"finch"``, ``"agglomerative"`` or ``"kmeans"`` [``"finch"``].
+        level: FINCH partition, ``0`` the finest [0]; ignored with ``num_clusters``.
+        num_clusters: cluster count: FINCH's ``req_clust``, k-means' k, agglomerative's cut.
+        cluster_fraction: cluster count as a fraction of the number of videos ``N`` (used when
+            ``num_clusters`` is not set), e.g. ``0.1`` for ``N / 10`` clusters.
+        distance_threshold: agglomerative only: cut the tree at this cosine distance.
+        clustering_kwargs: further keyword arguments of ``vidssl.clustering.cluster``.
+        features: ``"backbone"`` features or ``"projection"`` head outputs [``"backbone"``].
+        cluster_before_training: make initial labels at the start of training, before epoch 0's
+            schedule, with ``initial_weights`` if given (the "pseudo-labels from a pretrained
+            network" start); skipped when resuming with labels.
+        initial_weights: backbone checkpoint for the initial labels (any file
+            ``vidssl.backbones.load_backbone_weights`` reads); its backbone features are
+            clustered. Implies ``cluster_before_training``.
+        install_sampler: if the data module has ``set_train_batch_sampler`` and no batch sampler
+            yet, install a ``ClusterBatchSampler`` (pair sampling) at setup.
+        p_same: the installed sampler's probability of a same-video positive (SLIC UCF101: 0.2).
+        seed: the installed sampler's seed.
+        progress_bar: show a tqdm bar over the embedding pass on rank 0 when it has more than
+            20 batches.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: Optional[int] = None,
+        start_epoch: Optional[int] = None,
+        method: Optional[str] = None,
+        level: Optional[int] = None,
+        num_clusters: Optional[int] = None,
+        cluster_fraction: Optional[float] = None,
+        distance_threshold: Optional[float] = None,
+        clustering_kwargs: Optional[Dict[str, Any]] = None,
+        features: Optional[str] = None,
+        cluster_before_training: bool = False,
+        initial_weights: Optional[str] = None,
+        install_sampler: bool = True,
+        p_same: float = 0.2,
+        seed: int = 0,
+        progress_bar: bool = True,
+    ) -> None:
+        super().__init__()
+        if method is not None and method not in clustering.METHODS:
+            raise ValueError(
+                f"unknown clustering method {method!r}; valid: {', '.join(clustering.METHODS)}"
+            )
+        if features is not None and features not in FEATURES:
+            raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
+        if cluster_fraction is not None and not 0.0 < cluster_fraction <= 1.0:
+            raise ValueError(f"cluster_fraction must be in (0, 1], got {cluster_fraction}")
+        if every_n_epochs is not None and every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self._args = dict(
+            every_n_epochs=every_n_epochs,
+            start_epoch=start_epoch,
+            method=method,
+            level=level,
+            features=features,
+            cluster_fraction=cluster_fraction,
+        )
+        self.num_clusters = num_clusters
+        self.distance_threshold = distance_threshold
+        self.clustering_kwargs = dict(clustering_kwargs or {})
+        self.cluster_before_training = cluster_before_training or initial_weights is not None
+        self.initial_weights = initial_weights
+        self.install_sampler = install_sampler
+        self.p_same = p_same
+        self.seed = seed
+        self.progress_bar = progress_bar
+        # State saved in checkpoints.
+        self.labels: Optional[torch.Tensor] = None
+        self.labels_epoch: Optional[int] = None
+        self.diagnostics: Dict[str, Any] = {}
+        self.history: List[Dict[str, Any]] = []
+
+    # -- settings -----------------------------------------------------------------------------
+
+    _FALLBACK = dict(
+        every_n_epochs=5,
+        start_epoch=0,
+        method="finch",
+        level=0,
+        features="backbone",
+        cluster_fraction=None,
+    )
+
+    def setting(self, name: str, pl_module: Optional[pl.LightningModule] = None) -> Any:
+        """Return setting ``name``: the argument, else the method default, else the fallback."""
+        value = self._args[name]
+        if value is None and pl_module is not None:
+            value = getattr(pl_module, "pseudo_label_defaults", {}).get(name)
+        return self._FALLBACK.get(name) if value is None else value
+
+    def is_due(self, epoch: int, pl_module: Optional[pl.LightningModule] = None) -> bool:
+        """Whether the schedule re-clusters at the start of ``epoch``."""
+        start = self.setting("start_epoch", pl_module)
+        every = self.setting("every_n_epochs", pl_module)
+        return epoch >= start and (epoch - start) % every == 0
+
+    # -- checkpointed state -------------------------------------------------------------------
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Labels, the epoch they were made, the last diagnostics and the history."""
+        return {
+            "labels": None if self.labels is None else self.labels.cpu(),
+            "labels_epoch": self.labels_epoch,
+            "diagnostics": dict(self.diagnostics),
+            "history": [dict(h) for h in self.history],
+        }
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the labels are handed over when training starts."""
+        labels = state_dict.get("labels")
+        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
+        self.labels_epoch = state_dict.get("labels_epoch")
+        self.diagnostics = dict(state_dict.get("diagnostics", {}))
+        self.history = [dict(h) for h in state_dict.get("history", [])]
+
+    # -- Lightning hooks ----------------------------------------------------------------------
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Install a ``ClusterBatchSampler`` in the data module when asked and none is set."""
+        if stage != "fit" or not self.install_sampler:
+            return
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "set_train_batch_sampler"):
+            return
+        if getattr(dm, "_train_batch_sampler", None) is not None:
+            return
+        from vidssl.data.cluster_sampler import ClusterBatchSampler
+
+        dm.set_train_batch_sampler(
+            ClusterBatchSampler(
+                dm.num_train_videos,
+                batch_size=dm.batch_size,
+                p_same=self.p_same,
+                seed=self.seed,
+                drop_last=bool(getattr(dm, "drop_last", False)),
+                num_replicas=trainer.world_size,
+                rank=trainer.global_rank,
+            )
+        )
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Make the initial labels if asked (not when resuming with labels), then hand over."""
+        if self.cluster_before_training and self.labels is None:
+            encoder = None
+            if self.initial_weights is not None:
+                encoder = self._pretrained_encoder(pl_module)
+            self.recluster(trainer, pl_module, epoch=-1, encoder=encoder)
+        self._hand_over(trainer, pl_module)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Re-cluster when the schedule says so (once per epoch), then hand the labels over."""
+        epoch = trainer.current_epoch
+        if self.is_due(epoch, pl_module) and self.labels_epoch != epoch:
+            self.recluster(trainer, pl_module, epoch=epoch)
+        self._hand_over(trainer, pl_module)
+
+    # -- the work -----------------------------------------------------------------------------
+
+    def _hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.labels is None:
+            return
+        if hasattr(pl_module, "set_pseudo_labels"):
+            pl_module.set_pseudo_labels(self.labels)
+        for loader in _train_loaders(trainer):
+            sampler = getattr(loader, "batch_sampler", None)
+            if sampler is not None and hasattr(sampler, "set_labels"):
+                sampler.set_labels(self.labels)
+
+    def _pretrained_encoder(self, pl_module: pl.LightningModule) -> Callable:
+        from vidssl.backbones import load_backbone_weights
+
+        backbone = copy.deepcopy(pl_module.backbone)
+        load_backbone_weights(backbone, self.initial_weights)
+
+        def encode(clips: torch.Tensor) -> torch.Tensor:
+            return F.normalize(backbone(clips), dim=1)
+
+        encode.module = backbone  # type: ignore[attr-defined]
+        return encode
+
+    def _encoder(self, pl_module: pl.LightningModule) -> Callable:
+        projection = self.setting("features", pl_module) == "projection"
+
+        def encode(clips: torch.Tensor) -> torch.Tensor:
+            return pl_module.embed(clips, projection=projection)
+
+        encode.module = pl_module  # type: ignore[attr-defined]
+        return encode
+
+    @torch.no_grad()
+    def embed_bank(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        encoder: Optional[Callable] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Embed this rank's share of the bank: ``(index B_r, features B_r x D, label B_r)``."""
+        dm = getattr(trainer, "datamodule", None)
+        if dm is None or not hasattr(dm, "bank_dataloader"):
+            raise RuntimeError(
+                "PseudoLabels needs a data module with bank_dataloader() and augment() "
+                "(vidssl.data.VideoDataModule); pass it as trainer.fit(model, datamodule=...)."
+            )
+        encoder = encoder or self._encoder(pl_module)
+        module: nn.Module = encoder.module  # type: ignore[attr-defined]
+        loader = dm.bank_dataloader(rank=trainer.global_rank, world_size=trainer.world_size)
+        device = pl_module.device
+        module.to(device)
+        was_training = module.training
+        module.eval()  # BN running statistics, no dropout: features of the model as it is
+        idx, feats, labels = [], [], []
+        try:
+            batches = loader
+            show = self.progress_bar and trainer.is_global_zero and len(loader) > 20
+            if show:
+                from tqdm.auto import tqdm
+
+                batches = tqdm(loader, desc="PseudoLabels: embedding", leave=False)
+            for batch in batches:
+                batch = move_data_to_device(batch, device)
+                batch = dm.augment(batch, train=False)
+                feats.append(encoder(batch["views"][0]).float())
+                idx.append(batch["index"].long())
+                labels.append(batch["label"].long())
+        finally:
+            module.train(was_training)
+        dim = feats[0].shape[1] if feats else 0
+        return (
+            torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long, device=device),
+            torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
+            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device),
+        )
+
+    def cluster(
+        self, features: np.ndarray, pl_module: Optional[pl.LightningModule] = None
+    ) -> Tuple[np.ndarray, Dict[str, Any]]:
+        """Cluster ``N x D`` features with the configured method; ``(labels, diagnostics)``."""
+        method = self.setting("method", pl_module)
+        kwargs = dict(getattr(pl_module, "pseudo_label_defaults", {}).get("clustering_kwargs", {}))
+        kwargs.update(self.clustering_kwargs)
+        num_clusters = self.num_clusters
+        fraction = self.setting("cluster_fraction", pl_module)
+        if num_clusters is None and fraction is not None and self.distance_threshold is None:
+            num_clusters = max(1, int(round(fraction * len(features))))
+        if method == "finch":
+            if num_clusters is not None:
+                kwargs["req_clust"] = num_clusters
+            kwargs["level"] = self.setting("level", pl_module)
+        elif num_clusters is not None:
+            kwargs["num_clusters"] = num_clusters
+            kwargs.pop("distance_threshold", None)
+        if method == "agglomerative" and self.distance_threshold is not None:
+            kwargs["distance_threshold"] = self.distance_threshold
+            kwargs.pop("num_clusters", None)
+        if method == "agglomerative" and not {"num_clusters", "distance_threshold"} & set(kwargs):
+            raise ValueError(
+                "agglomerative clustering needs num_clusters, cluster_fraction or "
+                "distance_threshold: set one on PseudoLabels"
+            )
+        # Looked up at call time, so tests (and users) can wrap vidssl.clustering.cluster.
+        result = clustering.cluster(features, method=method, **kwargs)
+        return np.asarray(result.labels, dtype=np.int64), dict(result.diagnostics)
+
+    def recluster(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        epoch: int,
+        encoder: Optional[Callable] = None,
+    ) -> torch.Tensor:
+        """Embed, gather, cluster on rank 0, broadcast; store, log and return the labels."""
+        t0 = time.perf_counter()
+        idx, feats, truth = self.embed_bank(trainer, pl_module, encoder)
+        # Feature banks differ in length between ranks (DistributedSampler padding only evens
+        # them out when N is known to every rank), so gather with padding.
+        all_idx = vdist.all_gather_padded(idx).cpu()
+        all_feats = vdist.all_gather_padded(feats).cpu()
+        all_truth = vdist.all_gather_padded(truth).cpu()
+        n = _num_videos(trainer, all_idx)
+        order = _unique_rows(all_idx, n)
+        feats_np = all_feats[order].numpy()
+        truth_np = all_truth[order].numpy()
+        device = pl_module.device
+        labels = torch.empty(n, dtype=torch.long, device=device)
+        diag: Dict[str, Any] = {}
+        if trainer.is_global_zero:
+            t1 = time.perf_counter()
+            lab_np, diag = self.cluster(feats_np, pl_module)
+            labels.copy_(torch.from_numpy(lab_np))
+            diag = {k: v for k, v in diag.items() if _is_number(v) or isinstance(v, str)}
+            diag["embed_seconds"] = t1 - t0
+            diag["cluster_seconds"] = time.perf_counter() - t1
+        vdist.broadcast(labels, src=0)
+        diag = trainer.strategy.broadcast(diag, src=0)  # rank 0's timings and settings
+        labels = labels.cpu()
+        # Every rank holds the gathered bank, so the metrics are computed everywhere from the
+        # broadcast labels and logged identically (no rank-0-only logging).
+        metrics = clustering.clustering_metrics(labels.numpy(), truth_np, ami=_has_sklearn())
+        metrics.update(pair_error_rates(labels, truth_np))
+        metrics.update(
+            {"epoch": epoch, "bank_rows": int(all_idx.numel()), "bank_size": n}
+        )
+        metrics["method"] = self.setting("method", pl_module)
+        metrics["embed_seconds"] = diag.get("embed_seconds", 0.0)
+        metrics["cluster_seconds"] = diag.get("cluster_seconds", 0.0)
+        metrics["clustering"] = diag
+        self.labels = labels
+        self.labels_epoch = epoch
+        self.diagnostics = metrics
+        self.history.append({k: v for k, v in metrics.items() if _is_number(v)})
+        self._log(pl_module, metrics)
+        return labels
+
+    def _log(self, pl_module: pl.LightningModule, metrics: Dict[str, Any]) -> None:
+        values = {
+            f"pseudo_labels/{k}": float(v)
+            for k, v in metrics.items()
+            if _is_number(v) and k not in ("bank_rows", "bank_size")
+        }
+        if not values:
+            return
+        try:
+            for k, v in values.items():
+                # Equal on every rank: the sync (a mean) changes nothing but Lightning's warning.
+                pl_module.log(k, v, on_step=False, on_epoch=True, sync_dist=True)
+        except Exception:  # noqa: BLE001 - outside a loop Lightning refuses self.log
+            logger = getattr(pl_module, "logger", None)
+            if logger is not None and pl_module.trainer.is_global_zero:
+                logger.log_metrics(values, step=pl_module.trainer.global_step)
+        log.info(
+            "PseudoLabels epoch %s: %s", metrics.get("epoch"), {k: values[k] for k in values}
+        )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def _train_loaders(trainer: pl.Trainer) -> List[Any]:
+    loaders = getattr(getattr(trainer, "fit_loop", None), "_combined_loader", None)
+    if loaders is not None:
+        return list(loaders.flattened)
+    loader = getattr(trainer, "train_dataloader", None)
+    if loader is None:
+        return []
+    if isinstance(loader, (list, tuple)):
+        return list(loader)
+    if isinstance(loader, dict):
+        return list(loader.values())
+    return [loader]
+
+
+def _num_videos(trainer: pl.Trainer, gathered_index: torch.Tensor) -> int:
+    dm = getattr(trainer, "datamodule", None)
+    n = getattr(dm, "num_train_videos", None)
+    if isinstance(n, int):
+        return n
+    return int(gathered_index.max().item()) + 1 if gathered_index.numel() else 0
+
+
+def _unique_rows(index: torch.Tensor, n: int) -> torch.Tensor:
+    """Rows of ``index`` that hold each of ``0 .. n-1`` once (the first of any duplicates).
+
+    ``DistributedSampler(drop_last=False)`` pads the last shard by repeating indices; the
+    padding rows carry the same index (and the same feature, the centre clip being
+    deterministic), so one row per index is kept. A missing index is an error: its video would
+    get no label.
+    """
+    index = index.long()
+    if index.numel() and (index.min() < 0 or index.max() >= n):
+        raise RuntimeError(f"bank indices must be in [0, {n}), got [{index.min()}, {index.max()}]")
+    present, first_row = np.unique(index.numpy(), return_index=True)  # first occurrence
+    first = torch.full((n,), -1, dtype=torch.long)
+    first[torch.from_numpy(present)] = torch.from_numpy(first_row).long()
+    missing = (first < 0).nonzero().flatten()
+    if missing.numel():
+        raise RuntimeError(
+            f"{missing.numel()} of {n} training videos are missing from the feature bank (e.g. "
+            f"index {int(missing[0])}); the bank loader must visit every training video."
+        )
+    return first

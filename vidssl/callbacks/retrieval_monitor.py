@@ -1,0 +1,138 @@
+"""Online retrieval monitor: R@k of the validation videos against the training videos.
+
+A cheap progress signal during pretraining (one centre clip per training video by default),
+logged through whatever Lightning logger is in use.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Optional, Sequence, Tuple
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+from vidssl import distributed as vdist
+from vidssl.evaluation.retrieval import extract_features, recall_at_k
+
+__all__ = ["RetrievalMonitor"]
+
+log = logging.getLogger(__name__)
+
+
+def _sharded(loader: DataLoader, rank: int, world: int) -> DataLoader:
+    """Return the same loader over this rank's share of its dataset (fixed order)."""
+    if world == 1:
+        return loader
+    sampler = DistributedSampler(
+        loader.dataset, num_replicas=world, rank=rank, shuffle=False, drop_last=False
+    )
+    return DataLoader(
+        loader.dataset,
+        batch_size=loader.batch_size,
+        sampler=sampler,
+        num_workers=loader.num_workers,
+        collate_fn=loader.collate_fn,
+    )
+
+
+def _gather_unique(
+    feats: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, device: torch.device
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Gather every rank's rows and drop the repeats a DistributedSampler pads with."""
+    if vdist.is_distributed():
+        # The collective runs on the training device (NCCL needs CUDA tensors), results on CPU.
+        feats = vdist.all_gather_padded(feats.to(device)).cpu()
+        labels = vdist.all_gather_padded(labels.to(device)).cpu()
+        index = vdist.all_gather_padded(index.to(device)).cpu()
+    order = torch.argsort(index, stable=True)
+    index, feats, labels = index[order], feats[order], labels[order]
+    keep = torch.ones_like(index, dtype=torch.bool)
+    keep[1:] = index[1:] != index[:-1]
+    return feats[keep], labels[keep]
+
+
+class RetrievalMonitor(pl.Callback):
+    """Every ``every_n_epochs`` epochs, log R@k of the val split querying the train split.
+
+    Query features come from the data module's ``val_dataloader`` (``eval_num_clips`` clips
+    averaged per video), gallery features from its ``bank_dataloader`` (one centre clip per
+    training video), both with the evaluation transform. Features are held on the CPU in
+    float16 (a UCF101 bank of 9.5k x 512 takes 10 MB). Under DDP every rank embeds its share,
+    the shares are gathered, and every rank computes (and logs) the same numbers. This is a
+    monitor, not the reported protocol: use ``vidssl.evaluation.evaluate_retrieval`` (10 clips
+    per video, test split) for the numbers you publish.
+
+    Args:
+        every_n_epochs: run after every n-th training epoch.
+        ks: which R@k to log (as ``val/R@k``).
+        center: mean-centre the features (CoCLR).
+        prefix: metric name prefix.
+    """
+
+    def __init__(
+        self,
+        every_n_epochs: int = 1,
+        ks: Sequence[int] = (1, 5),
+        center: bool = False,
+        prefix: str = "val/",
+    ):
+        if every_n_epochs < 1:
+            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+        self.ks = tuple(ks)
+        self.center = center
+        self.prefix = prefix
+        self.last: Optional[dict] = None
+        self._warned = False
+
+    def _loaders(self, trainer: pl.Trainer) -> Optional[Tuple[Any, Any, Any]]:
+        dm = trainer.datamodule
+        if dm is None or not all(
+            hasattr(dm, a) for a in ("val_dataloader", "bank_dataloader", "augment")
+        ):
+            reason = "needs a VideoDataModule (val_dataloader, bank_dataloader, augment)"
+        else:
+            try:
+                query = dm.val_dataloader()
+            except RuntimeError as err:  # no val videos configured
+                query, reason = None, str(err)
+            if query is not None:
+                rank, world = trainer.global_rank, trainer.world_size
+                gallery = dm.bank_dataloader(rank=rank, world_size=world)
+                return _sharded(query, rank, world), gallery, dm
+        if not self._warned:
+            log.warning("RetrievalMonitor is skipped: %s", reason)
+            self._warned = True
+        return None
+
+    @torch.no_grad()
+    def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
+        """Embed val and train videos and return ``{k: R@k}`` (an empty dict when skipped)."""
+        loaders = self._loaders(trainer)
+        if loaders is None:
+            return {}
+        query, gallery, dm = loaders
+
+        def augment(batch):
+            return dm.augment(batch, train=False)
+
+        q, ql, qi = extract_features(pl_module, query, augment, dtype=torch.float16)
+        g, gl, gi = extract_features(pl_module, gallery, augment, dtype=torch.float16)
+        q, ql = _gather_unique(q, ql, qi, pl_module.device)
+        g, gl = _gather_unique(g, gl, gi, pl_module.device)
+        return recall_at_k(q.float().numpy(), ql.numpy(), g.float().numpy(), gl.numpy(),
+                           ks=self.ks, center=self.center)  # fmt: skip
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """Compute and log R@k when the epoch is due."""
+        if (trainer.current_epoch + 1) % self.every_n_epochs != 0 or trainer.sanity_checking:
+            return
+        recall = self.compute(trainer, pl_module)
+        if not recall:
+            return
+        self.last = recall
+        for k, v in recall.items():
+            # Every rank holds the same value, so no sync is needed.
+            pl_module.log(f"{self.prefix}R@{k}", v, on_step=False, on_epoch=True)

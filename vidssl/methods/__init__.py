@@ -1,0 +1,24 @@
+"""Self-supervised methods: the ``VideoSSLMethod`` base and one LightningModule per method."""
+
+from vidssl.methods.base import VideoSSLMethod, ema_update, momentum_copy
+from vidssl.methods.heads import ProjectionHead
+from vidssl.methods.moco import MoCo
+from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
+from vidssl.methods.simclr import SimCLR
+
+__all__ = [
+    "LARS",
+    "MoCo",
+    "ProjectionHead",
+    "SimCLR",
+    "VideoSSLMethod",
+    "cosine_momentum",
+    "ema_update",
+    "momentum_copy",
+    "warmup_cosine",
+]
+
+from vidssl.methods.cluster_contrast import ClusterContrast  # noqa: E402
+from vidssl.methods.cluster_triplet import ClusterTriplet  # noqa: E402
+
+__all__ += ["ClusterContrast", "ClusterTriplet"]

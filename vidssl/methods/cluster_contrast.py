@@ -1,0 +1,173 @@
+"""Contrastive learning with pseudo-class positives and a hard slice of the other classes.
+
+MoCo's momentum encoder and queue, where the queue remembers which video each key came from so
+that its pseudo-label is always the current one; agglomerative re-clustering by default.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Union
+
+import torch
+from torch import nn
+
+from vidssl import distributed as vdist
+from vidssl.losses.mining import cluster_contrastive_loss, hard_negative_mask, labels_or_instances
+from vidssl.methods.moco import MoCo
+
+__all__ = ["ClusterContrast"]
+
+
+class ClusterContrast(MoCo):
+    """Contrastive learning whose positives are the anchor's pseudo-class (cluster-guided).
+
+    Queries are the online projections of view 0 (the anchor). Keys come from the momentum
+    encoder (MoCo v2's, with shuffle-BN under DDP): the keys of view 1 of the whole global batch
+    (view 1 is the sampler's positive: another clip of the anchor, or another video of its
+    cluster) followed by a queue of ``queue_size`` earlier keys. The queue stores each key's
+    dataset index, so its pseudo-labels are read from the current labels and change with every
+    re-clustering. For query ``i`` (``vidssl.losses.mining``):
+
+    - positives: every key with ``i``'s pseudo-label (including its own positive key);
+    - negatives: the keys of other pseudo-labels, of which only the hardest ``hard_fraction``
+      (default 5 %) are kept after dropping the hardest ``drop_fraction`` (0.1 %), following
+      Cai et al. 2020, "Are all negatives created equal in contrastive instance
+      discrimination?" (arXiv:2010.06682): the hardest 5 % are necessary and sufficient, the
+      hardest 0.1 % unnecessary, sometimes harmful, and mostly same-class (false negatives
+      missed by the clustering);
+    - loss: ``cluster_contrastive_loss``, each positive against the kept negatives.
+
+    Negative source: the queue plus the global batch's keys (``queue_size=0``: the batch's keys
+    only, i.e. in-batch negatives of every rank). Fractions are taken of the negatives available
+    to each query, so a small pool keeps at least one negative and drops none. Without
+    pseudo-labels (before the first clustering) every video is its own class: MoCo with hard
+    negatives.
+
+    Defaults and sources:
+
+    - pseudo-labels (``pseudo_label_defaults``): agglomerative clustering (average linkage,
+      cosine) of the backbone features into ``N / 10`` clusters, every 5 epochs from epoch 0.
+      Over-clustering keeps clusters pure (a false positive costs more than a missed one: the
+      hard-negative filter already spares near neighbours); ``N / 10`` is a choice of this
+      library, not a published value: set ``num_clusters``, ``cluster_fraction`` or
+      ``distance_threshold`` on ``PseudoLabels`` for your data.
+    - ``hard_fraction=0.05``, ``drop_fraction=0.001``: Cai et al. 2020 (above).
+    - ``temperature=0.2``, head (2-layer MLP, no BN), ``ema_momentum=0.999``, SGD ``lr=0.03``,
+      momentum 0.9, weight decay 1e-4, cosine schedule: MoCo v2 (facebookresearch/moco).
+    - ``queue_size=4096``: smaller than MoCo's 65536 because a queue longer than a few epochs
+      of a small dataset holds stale keys of the same videos; any size works (the queue wraps).
+
+    Args:
+        hard_fraction: share of each query's negatives kept (the hardest), in ``(0, 1]``.
+        drop_fraction: share of the very hardest negatives dropped first, in ``[0, 1)``.
+        queue_size: keys kept from earlier batches; ``0`` for in-batch negatives only.
+        temperature: softmax temperature.
+        backbone, ...: as ``MoCo`` / ``VideoSSLMethod``.
+    """
+
+    num_views = 2
+    pseudo_label_defaults: Dict[str, Any] = {
+        "method": "agglomerative",
+        "every_n_epochs": 5,
+        "start_epoch": 0,
+        "features": "backbone",
+        "cluster_fraction": 0.1,
+        "clustering_kwargs": {"linkage": "average"},
+    }
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module] = "r3d_18",
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        weights: Optional[str] = None,
+        hard_fraction: float = 0.05,
+        drop_fraction: float = 0.001,
+        queue_size: int = 4096,
+        temperature: float = 0.2,
+        shuffle_bn: bool = True,
+        ema_momentum: float = 0.999,
+        proj_hidden_dim: Optional[int] = None,
+        proj_output_dim: int = 128,
+        optimizer: str = "sgd",
+        lr: float = 0.03,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.0,
+    ):
+        if not 0.0 < hard_fraction <= 1.0:
+            raise ValueError(f"hard_fraction must be in (0, 1], got {hard_fraction}")
+        if not 0.0 <= drop_fraction < 1.0:
+            raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
+        if queue_size < 0:
+            raise ValueError(f"queue_size must be >= 0, got {queue_size}")
+        super().__init__(
+            backbone=backbone,
+            backbone_kwargs=backbone_kwargs,
+            weights=weights,
+            version=2,
+            temperature=temperature,
+            queue_size=max(queue_size, 1),  # MoCo needs a positive size; 0 is handled here
+            shuffle_bn=shuffle_bn,
+            ema_momentum=ema_momentum,
+            proj_hidden_dim=proj_hidden_dim,
+            proj_output_dim=proj_output_dim,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            warmup_epochs=warmup_epochs,
+            lr_schedule=lr_schedule,
+            min_lr_ratio=min_lr_ratio,
+        )
+        self.hard_fraction = hard_fraction
+        self.drop_fraction = drop_fraction
+        self.queue_size = queue_size
+        # Dataset index of each queued key; -1 marks a slot not written yet (never used).
+        self.register_buffer("queue_index", torch.full((max(queue_size, 1),), -1, dtype=torch.long))
+
+    def _check_queue(self, global_batch: int) -> None:
+        """Accept any queue size: this queue wraps around (unlike MoCo's)."""
+
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor, index: torch.Tensor) -> None:  # type: ignore[override]
+        """Write the global batch's keys and their dataset indices into the ring buffer."""
+        if self.queue_size == 0:
+            return
+        keys, index = keys[-self.queue_size :], index[-self.queue_size :]
+        n = keys.shape[0]
+        ptr = int(self.queue_ptr)
+        slots = (ptr + torch.arange(n, device=keys.device)) % self.queue_size
+        self.queue[slots] = keys
+        self.queue_index[slots] = index
+        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+
+    def compute_loss(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+        """Pseudo-class positives against the hardest other-class keys (batch + queue)."""
+        index = batch["index"]
+        positive_index = batch.get("positive_index", index)
+        q = self.projection(self.backbone(batch["views"][0]))
+        k = self._keys(batch["views"][1])
+        keys_batch = vdist.all_gather(k)
+        index_batch = vdist.all_gather(positive_index.long())
+        if self.queue_size > 0:
+            # The queue as it was before this batch goes in (as MoCo).
+            valid = self.queue_index >= 0
+            keys = torch.cat([keys_batch, self.queue[valid].clone()])
+            key_index = torch.cat([index_batch, self.queue_index[valid]])
+        else:
+            keys, key_index = keys_batch, index_batch
+        q_labels = labels_or_instances(self.pseudo_labels, index)
+        k_labels = labels_or_instances(self.pseudo_labels, key_index)
+        positive = q_labels[:, None] == k_labels[None, :]
+        with torch.no_grad():
+            sim = torch.nn.functional.normalize(q, dim=1) @ keys.t()
+        negative = hard_negative_mask(sim, ~positive, self.hard_fraction, self.drop_fraction)
+        loss = cluster_contrastive_loss(q, keys, positive, negative, self.temperature)
+        self.enqueue(keys_batch, index_batch)
+        return {
+            "loss": loss,
+            "positives_per_query": positive.float().sum(1).mean(),
+            "negatives_per_query": negative.float().sum(1).mean(),
+        }

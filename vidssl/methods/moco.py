@@ -1,0 +1,171 @@
+"""MoCo v1 / v2 for video: a query encoder, a momentum key encoder and a queue of keys."""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidssl import distributed as vdist
+from vidssl.losses import info_nce
+from vidssl.methods.base import VideoSSLMethod, momentum_copy
+
+__all__ = ["MoCo"]
+
+
+class MoCo(VideoSSLMethod):
+    """MoCo v1 / v2 (Momentum Contrast) on video clips.
+
+    v1 is He et al. 2020, v2 Chen et al. 2020 ("Improved Baselines with Momentum Contrastive
+    Learning"); the code follows facebookresearch/moco ``moco/builder.py``.
+
+    View 0 is the query clip, view 1 the key clip (two clips of one video). The key encoder is an
+    EMA copy of the query encoder (backbone and head), updated by the base class after every
+    optimiser step. Keys of the whole global batch are enqueued into a FIFO queue of
+    ``queue_size`` negatives, kept as a persistent buffer so that it is saved in checkpoints.
+
+    BN must not leak which key is the positive (the paper's sec. 3.3): under DDP the key
+    encoder's input is shuffled across GPUs and un-shuffled after (official
+    ``_batch_shuffle_ddp``), unless its BN layers are already SyncBatchNorm
+    (``Trainer(sync_batchnorm=True)``), where shuffling changes nothing. On one device BN sees
+    the whole batch either way, as in the official code, which supports DDP only.
+
+    Defaults and sources (official code / papers):
+
+    - ``version=2``; ``temperature`` 0.07 for v1, 0.2 for v2; head linear (v1) or a 2-layer MLP
+      without BN, hidden = feature size (v2, ``--mlp``); output 128 (``--moco-dim``).
+    - ``queue_size=65536`` (``--moco-k``), key momentum ``ema_momentum=0.999`` (``--moco-m``).
+    - SGD, ``lr=0.03`` for a batch of 256 (``--lr``), momentum 0.9, weight decay 1e-4; cosine
+      schedule (v2 ``--cos``; v1's step schedule is not provided).
+
+    Args:
+        version: 1 or 2; picks the temperature and head defaults.
+        temperature: InfoNCE temperature; ``None`` takes the version's default.
+        queue_size: number of negative keys K; must be a multiple of the global batch size.
+        mlp: MLP head; ``None`` takes the version's default.
+        shuffle_bn: shuffle the key batch across GPUs under DDP.
+        ema_momentum: key encoder momentum m.
+        backbone, ...: as ``VideoSSLMethod``.
+    """
+
+    num_views = 2
+
+    def __init__(
+        self,
+        backbone: Union[str, nn.Module] = "r3d_18",
+        backbone_kwargs: Optional[Dict[str, Any]] = None,
+        weights: Optional[str] = None,
+        version: int = 2,
+        temperature: Optional[float] = None,
+        queue_size: int = 65536,
+        mlp: Optional[bool] = None,
+        shuffle_bn: bool = True,
+        ema_momentum: float = 0.999,
+        proj_hidden_dim: Optional[int] = None,
+        proj_output_dim: int = 128,
+        optimizer: str = "sgd",
+        lr: float = 0.03,
+        weight_decay: float = 1e-4,
+        momentum: float = 0.9,
+        warmup_epochs: float = 0.0,
+        lr_schedule: str = "cosine",
+        min_lr_ratio: float = 0.0,
+    ):
+        if version not in (1, 2):
+            raise ValueError(f"MoCo version must be 1 or 2, got {version}")
+        if queue_size <= 0:
+            raise ValueError(f"queue_size must be positive, got {queue_size}")
+        use_mlp = (version == 2) if mlp is None else mlp
+        super().__init__(
+            backbone=backbone,
+            backbone_kwargs=backbone_kwargs,
+            weights=weights,
+            proj_hidden_dim=proj_hidden_dim,
+            proj_output_dim=proj_output_dim,
+            proj_num_layers=2 if use_mlp else 1,
+            proj_batch_norm=False,
+            optimizer=optimizer,
+            lr=lr,
+            weight_decay=weight_decay,
+            momentum=momentum,
+            exclude_bias_and_norm=False,
+            warmup_epochs=warmup_epochs,
+            lr_schedule=lr_schedule,
+            min_lr_ratio=min_lr_ratio,
+            ema_momentum=ema_momentum,
+            ema_schedule="constant",
+        )
+        self.version = version
+        default_t = 0.07 if version == 1 else 0.2
+        self.temperature = temperature if temperature is not None else default_t
+        self.queue_size = queue_size
+        self.shuffle_bn = shuffle_bn
+        self.key_backbone = momentum_copy(self.backbone)
+        self.key_projection = momentum_copy(self.projection)
+        # Random unit vectors until real keys replace them, as in the official code.
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_output_dim), dim=1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def momentum_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """Return the query encoder's backbone and head, with their key-encoder copies."""
+        return [(self.backbone, self.key_backbone), (self.projection, self.key_projection)]
+
+    # ----------------------------------------------------------------- checks
+    def _check_queue(self, global_batch: int) -> None:
+        if self.queue_size % global_batch != 0:
+            raise ValueError(
+                f"MoCo queue_size={self.queue_size} must be a multiple of the global batch size "
+                f"{global_batch} (batch size x number of processes), so that every enqueue "
+                "writes whole batches; change queue_size or the batch size"
+            )
+
+    def setup(self, stage: str) -> None:
+        """Check the views and ``queue_size % global batch size == 0`` before training."""
+        super().setup(stage)
+        dm = getattr(self.trainer, "datamodule", None)
+        batch_size = getattr(dm, "batch_size", None)
+        if stage == "fit" and isinstance(batch_size, int):
+            self._check_queue(batch_size * self.trainer.world_size)
+
+    # ----------------------------------------------------------------- shuffle BN
+    def _uses_sync_bn(self) -> bool:
+        return any(isinstance(m, nn.SyncBatchNorm) for m in self.key_backbone.modules())
+
+    @torch.no_grad()
+    def _keys(self, clips: torch.Tensor) -> torch.Tensor:
+        """Key embeddings ``B x dim`` (normalised) of ``clips``, with shuffle-BN under DDP."""
+        shuffle = self.shuffle_bn and vdist.is_distributed() and not self._uses_sync_bn()
+        if not shuffle:
+            return F.normalize(self.key_projection(self.key_backbone(clips)), dim=1)
+        # Official _batch_shuffle_ddp / _batch_unshuffle_ddp: one permutation of the global
+        # batch, drawn on rank 0 and broadcast; each rank encodes its slice of the shuffled batch.
+        world, rank = vdist.get_world_size(), vdist.get_rank()
+        gathered = vdist.all_gather(clips)
+        perm = vdist.broadcast(torch.randperm(gathered.shape[0], device=clips.device), src=0)
+        unperm = torch.argsort(perm)
+        k = self.key_projection(self.key_backbone(gathered[perm.view(world, -1)[rank]]))
+        k = F.normalize(k, dim=1)
+        return vdist.all_gather(k)[unperm.view(world, -1)[rank]]
+
+    # ----------------------------------------------------------------- queue
+    @torch.no_grad()
+    def enqueue(self, keys: torch.Tensor) -> None:
+        """Write the keys of every rank (``B x dim`` here) into the queue and move the pointer."""
+        keys = vdist.all_gather(keys)
+        n = keys.shape[0]
+        self._check_queue(n)
+        ptr = int(self.queue_ptr)
+        self.queue[ptr : ptr + n] = keys
+        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+
+    # ----------------------------------------------------------------- loss
+    def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
+        """InfoNCE of queries (view 0) against their keys (view 1) and the queue's negatives."""
+        q = self.projection(self.backbone(batch["views"][0]))
+        k = self._keys(batch["views"][1])
+        # The loss uses the queue as it was before this batch's keys go in.
+        loss = info_nce(q, k, self.queue.clone(), self.temperature)
+        self.enqueue(k)
+        return loss
