@@ -11,7 +11,7 @@ STAMP := .venv/.installed
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo docs bench clean
+.PHONY: install test test-fast lint demo docs clean
 
 install: $(STAMP)
 
@@ -25,6 +25,7 @@ endif
 
 test: install
 	$(VENV_PY) -m ruff check .
+	$(VENV_PY) -m mkdocs build --strict --quiet --site-dir .cache/site
 	$(VENV_PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: install
@@ -38,9 +39,6 @@ demo: install
 
 docs: install
 	$(VENV_PY) -m mkdocs build --strict
-
-bench: install
-	$(VENV_PY) benchmarks/run_all.py
 
 clean:
 	rm -rf .venv .cache build dist site *.egg-info .pytest_cache .ruff_cache

@@ -1,0 +1,78 @@
+"""Regenerate docs/config_reference.md from the classes' signatures and docstrings.
+
+Usage: python examples/make_config_reference.py > docs/config_reference.md
+"""
+
+import inspect
+import re
+
+from docstring_parser import parse
+
+import vidssl.callbacks as callbacks
+import vidssl.data as data
+import vidssl.evaluation.probe as probe
+import vidssl.methods as methods
+
+SECTIONS = [
+    ("Methods (`model:`)", [methods.SimCLR, methods.MoCo, methods.ClusterTriplet,
+                            methods.ClusterContrast]),
+    ("Supervised evaluation (`model:`)", [probe.LinearProbe, probe.FineTune]),
+    ("Data (`data:`)", [data.VideoDataModule]),
+    ("Callbacks (`trainer.callbacks:`)", [callbacks.PseudoLabels, callbacks.RetrievalMonitor]),
+]
+
+
+def _docs(cls):
+    """Argument descriptions from the class docstring and its bases' (first one wins)."""
+    out = {}
+    for klass in cls.__mro__:
+        if klass.__module__.startswith("vidssl") and klass.__doc__:
+            for p in parse(inspect.cleandoc(klass.__doc__)).params:
+                text = " ".join((p.description or "").split())
+                if text.startswith(("as ", "everything of")):
+                    continue  # "backbone, ...: as VideoSSLMethod": the base class says more
+                for name in re.split(r",\s*", p.arg_name):
+                    out.setdefault(name.strip(), text)
+    return out
+
+
+def _fmt(value):
+    if value is inspect.Parameter.empty:
+        return "**required**"
+    return f"`{value!r}`"
+
+
+def main():
+    print("# Config reference\n")
+    print("Every argument a `vidssl fit` config can set, with its default, generated from the")
+    print("signatures and docstrings by `python examples/make_config_reference.py`. A config")
+    print("names a class by `class_path` and sets arguments under `init_args`;")
+    print("`vidssl fit --config FILE --print_config` prints the resolved config. The Trainer's")
+    print("arguments are Lightning's (`trainer:`; see the Lightning documentation).\n")
+    print("```yaml\nmodel:\n  class_path: vidssl.methods.SimCLR\n  init_args:\n"
+          "    backbone: r3d_18\ndata:\n  class_path: vidssl.data.VideoDataModule\n"
+          "  init_args:\n    train: data/UCF101\ntrainer:\n  max_epochs: 200\n```\n")
+    for title, classes in SECTIONS:
+        print(f"## {title}\n")
+        for cls in classes:
+            path = f"{cls.__module__.rsplit('.', 1)[0]}.{cls.__name__}"
+            if cls.__module__.startswith("vidssl.evaluation"):
+                path = f"{cls.__module__}.{cls.__name__}"
+            summary = inspect.getdoc(cls).split("\n\n")[0].replace("\n", " ")
+            print(f"### `{path}`\n\n{summary}\n")
+            print("| argument | default | meaning |\n| --- | --- | --- |")
+            docs = _docs(cls)
+            for name, p in inspect.signature(cls.__init__).parameters.items():
+                if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    continue
+                text = docs.get(name, "").replace("|", "\\|")
+                print(f"| `{name}` | {_fmt(p.default)} | {text} |")
+            print()
+    print("## Linked and checked arguments\n")
+    print("- `data.init_args.num_views` is set from the model's `num_views` (not set in configs).")
+    print("- A model's `queue_size` must be a multiple of `data.init_args.batch_size` x the")
+    print("  number of processes (checked before training).")
+
+
+if __name__ == "__main__":
+    main()

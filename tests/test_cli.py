@@ -1,0 +1,234 @@
+"""The vidssl command: LightningCLI subcommands, start-up errors and the plain tools."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from vidssl.cli import main
+
+TINY = {"backbone": "r3d_18", "backbone_kwargs": {"width_mult": 0.0625}}
+
+
+def _config(tmp_path, root, model="SimCLR", **model_args):
+    cfg = {
+        "model": {"class_path": model, "init_args": {**TINY, **model_args}},
+        "data": {
+            "class_path": "VideoDataModule",
+            "init_args": {
+                "train": str(root),
+                "clip_len": 4,
+                "crop_size": 32,
+                "short_side": 40,
+                "batch_size": 4,
+                "num_workers": 0,
+            },
+        },
+        "trainer": {
+            "accelerator": "cpu",
+            "max_epochs": 1,
+            "limit_train_batches": 1,
+            "limit_val_batches": 0,
+            "enable_progress_bar": False,
+            "enable_model_summary": False,
+            "logger": False,
+            "default_root_dir": str(tmp_path),
+        },
+    }
+    path = tmp_path / f"{model}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_video_root):
+    """A SimCLR checkpoint trained for one step through `vidssl fit`."""
+    tmp = tmp_path_factory.mktemp("fit")
+    cfg = _config(tmp, tiny_video_root)
+    assert main(["fit", "--config", str(cfg), "--trainer.callbacks+=ModelCheckpoint",
+                 f"--trainer.callbacks.dirpath={tmp / 'ckpt'}"]) == 0
+    (ckpt,) = (tmp / "ckpt").glob("*.ckpt")
+    return ckpt
+
+
+def test_overview_lists_every_command(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    for cmd in ("fit", "validate", "test", "predict", "embed", "index", "search",
+                "export-backbone", "demo", "retrieval", "check-videos", "transcode"):
+        assert f"  {cmd} " in out, cmd
+
+
+def test_unknown_command_fails_with_the_list(capsys):
+    assert main(["trian"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown command 'trian'" in err and "embed" in err
+
+
+def test_print_config_is_complete(tmp_path, tiny_video_root, capsys):
+    cfg = _config(tmp_path, tiny_video_root, model="MoCo", queue_size=8)
+    assert main(["fit", "--config", str(cfg), "--print_config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    model, data = printed["model"], printed["data"]
+    assert model["class_path"] == "vidssl.methods.MoCo"
+    assert model["init_args"]["queue_size"] == 8
+    # every typed argument is there, defaults included
+    assert model["init_args"]["version"] == 2 and "temperature" in model["init_args"]
+    assert data["class_path"] == "vidssl.data.VideoDataModule"
+    assert data["init_args"]["clip_len"] == 4 and data["init_args"]["stride"] == 2
+    assert "max_epochs" in printed["trainer"]
+
+
+def test_fit_builds_the_checkpoint_with_hyper_parameters(trained):
+    ckpt = torch.load(trained, map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["backbone"] == "r3d_18"
+    assert ckpt["datamodule_hyper_parameters"]["clip_len"] == 4
+    assert any(k.startswith("backbone.") for k in ckpt["state_dict"])
+
+
+def test_unknown_backbone_fails_at_start_up_listing_the_known_ones(tmp_path, tiny_video_root,
+                                                                   capsys):
+    cfg = _config(tmp_path, tiny_video_root)
+    assert main(["fit", "--config", str(cfg), "--model.init_args.backbone", "r3d_19"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown backbone 'r3d_19'" in err and "r3d_18" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_method_lists_the_valid_class_paths(tmp_path, tiny_video_root, capsys):
+    cfg = _config(tmp_path, tiny_video_root)
+    assert main(["fit", "--config", str(cfg), "--model", "SimCRL"]) == 2
+    assert "vidssl.methods.SimCLR" in capsys.readouterr().err
+
+
+def test_missing_data_folder_fails_before_training(tmp_path, tiny_video_root, capsys):
+    cfg = _config(tmp_path, tiny_video_root)
+    missing = tmp_path / "nope"
+    assert main(["fit", "--config", str(cfg), f"--data.init_args.train={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert str(missing) in err and "does not exist" in err
+
+
+def test_moco_queue_must_be_a_multiple_of_the_batch(tmp_path, tiny_video_root, capsys):
+    cfg = _config(tmp_path, tiny_video_root, model="MoCo", queue_size=10)
+    assert main(["fit", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "queue_size=10" in err and "4 x 1 = 4" in err
+
+
+def test_num_views_follows_the_method(tmp_path, tiny_video_root):
+    from vidssl.cli import VidsslCLI
+
+    cfg = _config(tmp_path, tiny_video_root, model="ClusterTriplet")
+    cli = VidsslCLI(["--config", str(cfg)], run=False)
+    assert cli.datamodule.num_views == cli.model.num_views == 3
+
+
+def test_export_backbone_round_trips_through_build(trained, tmp_path, capsys):
+    from vidssl.backbones import build
+
+    out = tmp_path / "r3d.pth"
+    assert main(["export-backbone", str(trained), "-o", str(out)]) == 0
+    assert "build('r3d_18'" in capsys.readouterr().out
+    state = torch.load(trained, map_location="cpu", weights_only=True)["state_dict"]
+    model = build("r3d_18", weights=str(out), width_mult=0.0625)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, state[f"backbone.{k}"], rtol=0, atol=0)
+
+
+def test_export_backbone_rejects_other_files(tmp_path, capsys):
+    torch.save({"weight": torch.zeros(1)}, tmp_path / "x.pth")
+    assert main(["export-backbone", str(tmp_path / "x.pth"), "-o", str(tmp_path / "y")]) == 2
+    assert "not a vidssl Lightning checkpoint" in capsys.readouterr().err
+    assert main(["export-backbone", str(tmp_path / "missing.ckpt"), "-o", "y"]) == 2
+
+
+def test_embed_index_search_from_a_checkpoint(trained, tiny_video_root, tmp_path, capsys):
+    emb, videos = tmp_path / "emb", tiny_video_root / "UCF-101"
+    args = ["embed", str(trained), str(videos), "-o", str(emb), "--num-clips", "2",
+            "--num-workers", "0"]
+    assert main(args) == 0
+    meta = json.loads((emb / "meta.json").read_text())
+    # clip settings come from the checkpoint's data module unless given
+    assert meta["settings"] == {"num_clips": 2, "clip_len": 4, "stride": 2, "crop_size": 32}
+    assert main(["index", str(emb)]) == 0
+    capsys.readouterr()
+
+    query = sorted(videos.rglob("*.avi"))[0]
+    assert main(["search", str(emb / "index"), str(query), "-k", "3", "--json",
+                 "--include-self"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert hits[0]["path"] == str(query) and hits[0]["score"] == pytest.approx(1.0, abs=1e-5)
+    # By default an indexed query is left out of its own results.
+    assert main(["search", str(emb / "index"), str(query), "-k", "3", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)["results"]
+    assert str(query) not in [h["path"] for h in hits] and len(hits) == 3
+
+    # A video outside the index is embedded with the model recorded in the index: a copy of an
+    # indexed video finds the original at cosine 1.
+    copy = tmp_path / "copy.avi"
+    shutil.copy(query, copy)
+    assert main(["search", str(emb / "index"), str(copy), "-k", "1", "--json"]) == 0
+    hit = json.loads(capsys.readouterr().out)["results"][0]
+    assert hit["path"] == str(query) and hit["score"] == pytest.approx(1.0, abs=1e-4)
+
+
+def test_embed_errors_are_one_line(tmp_path, tiny_video_root, capsys):
+    assert main(["embed", "r3d_18", str(tiny_video_root), "-o", str(tmp_path / "e")]) == 2
+    assert "--random-init" in capsys.readouterr().err
+    assert main(["embed", "missing.ckpt", str(tiny_video_root), "-o", str(tmp_path / "e")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["embed", "r3d_18", "--random-init", str(tmp_path / "none"), "-o", "e"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["index", str(tmp_path)]) == 2
+    assert "not an embeddings folder" in capsys.readouterr().err
+    assert main(["search", str(tmp_path), "q.mp4"]) == 2
+    assert "not a vidssl search index" in capsys.readouterr().err
+
+
+def test_console_script_and_python_m(tmp_path):
+    exe = Path(sys.executable).with_name("vidssl")
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "vidssl"]
+    out = subprocess.run(cmd + ["--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "export-backbone" in out.stdout
+    out = subprocess.run([sys.executable, "-m", "vidssl", "nope"], capture_output=True,
+                         text=True, timeout=120, env={**os.environ})
+    assert out.returncode == 2 and "unknown command" in out.stderr
+
+
+def test_transcode_keeps_the_layout_and_frame_counts(tiny_video_root, tmp_path, capsys):
+    from vidssl.data.index import probe_video
+
+    dst = tmp_path / "mp4"
+    assert main(["transcode", str(tiny_video_root), str(dst), "--num-workers", "1"]) == 0
+    src = sorted((tiny_video_root / "UCF-101").rglob("*.avi"))
+    out = sorted((dst / "UCF-101").rglob("*.mp4"))
+    assert [p.relative_to(dst).with_suffix("") for p in out] == \
+        [p.relative_to(tiny_video_root).with_suffix("") for p in src]
+    assert probe_video(str(out[0])).num_frames == probe_video(str(src[0])).num_frames
+    assert (dst / "ucfTrainTestlist" / "classInd.txt").exists()
+    assert f"transcoded {len(src)} videos" in capsys.readouterr().out
+
+
+def test_check_videos_lists_unreadable_and_inexact_files(tmp_path, capsys):
+    import numpy as np
+
+    from vidssl.data.synthetic import write_video
+
+    frames = np.zeros((12, 32, 32, 3), np.uint8)
+    write_video(tmp_path / "ok.mp4", frames, codec="libx264")
+    write_video(tmp_path / "bframes.avi", frames, codec="mpeg4", max_b_frames=2)
+    (tmp_path / "broken.avi").write_bytes(b"\x00" * 100)
+    report = tmp_path / "report.json"
+    assert main(["check-videos", str(tmp_path), "--json", str(report)]) == 1
+    out = capsys.readouterr().out
+    assert "3 videos: 1 unreadable, 1 with inexact random access" in out
+    rows = {Path(r["path"]).name: r for r in json.loads(report.read_text())}
+    assert rows["broken.avi"]["error"] and not rows["ok.mp4"]["error"]
+    assert rows["bframes.avi"]["inexact"] and not rows["ok.mp4"]["inexact"]

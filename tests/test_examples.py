@@ -1,0 +1,74 @@
+"""Every example config runs unchanged (apart from size overrides) on data in its official layout.
+
+Slow: each test is one `vidssl fit --trainer.fast_dev_run` of a tiny backbone.
+"""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from vidssl.cli import main
+from vidssl.data.synthetic import write_synthetic_dataset
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "examples" / "configs").glob("*.yaml"))
+
+# Only sizes change: a narrow backbone, short small clips, a small batch, no GPU, no workers.
+TINY = [
+    "--model.init_args.backbone_kwargs={width_mult: 0.0625}",
+    "--data.init_args.clip_len=4",
+    "--data.init_args.crop_size=32",
+    "--data.init_args.short_side=40",
+    "--data.init_args.batch_size=4",
+    "--data.init_args.num_workers=0",
+    "--trainer.fast_dev_run=2",
+    "--trainer.accelerator=cpu",
+    "--trainer.devices=1",
+    "--trainer.precision=32-true",
+]
+
+
+@pytest.fixture(scope="module")
+def official_roots(tmp_path_factory):
+    roots = {}
+    for layout in ("ucf101", "hmdb51"):
+        root = tmp_path_factory.mktemp(layout)
+        write_synthetic_dataset(root, num_classes=3, videos_per_class=6, num_frames=16,
+                                layout=layout)
+        roots[layout] = root
+    return roots
+
+
+def test_there_is_a_config_per_method():
+    names = {p.stem for p in CONFIGS}
+    assert {"simclr_r3d18_ucf101", "moco_v2_r3d18_ucf101", "slic_ucf101", "slic_hmdb51",
+            "cluster_contrast_ucf101"} <= names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("config", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_example_config_runs(config, official_roots, tmp_path, capsys):
+    cfg = yaml.safe_load(config.read_text())
+    layout = cfg["data"]["init_args"]["format"]
+    root = official_roots[layout]
+    args = ["fit", "--config", str(config), f"--data.init_args.train={root}",
+            f"--trainer.default_root_dir={tmp_path}", *TINY]
+    assert main(args) == 0, capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_demo_writes_everything_it_announces(tmp_path):
+    from vidssl.demo import DemoSettings, run_demo
+    from vidssl.evaluation.search import SearchIndex
+
+    out = run_demo(DemoSettings(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
+                                epochs=2, videos_per_class=4, width_mult=0.0625,
+                                num_workers=0, recluster_every=1))
+    res = tmp_path / "out"
+    for name in ("retrieval.txt", "retrieval_examples.png", "training_curves.png",
+                 "model.ckpt", "history.json"):
+        assert (res / name).stat().st_size > 0, name
+    assert set(out["results"]) == {"ClusterTriplet (2 epochs)", "random init"}
+    assert [r["epoch"] for r in out["history"]] == [0, 1]
+    assert all("R@1" in r and "NMI" in r for r in out["history"])
+    assert len(SearchIndex.load(res / "index")) == 24

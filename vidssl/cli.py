@@ -1,0 +1,654 @@
+"""The ``vidssl`` command: LightningCLI training subcommands plus embed, index, search and tools.
+
+``vidssl fit|validate|test|predict --config FILE.yaml`` run a method on a data module chosen by
+class path; the other subcommands (``vidssl --help`` lists them) are plain argparse programs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["CLIError", "VidsslCLI", "format_recall_table", "main"]
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class CLIError(Exception):
+    """A mistake the user can fix; printed as ``vidssl CMD: error: MESSAGE`` without a traceback."""
+
+
+# Exceptions that are the user's to fix (bad path, bad name, bad value). Anything else is a bug
+# and keeps its traceback. VIDSSL_TRACEBACK=1 shows tracebacks for these too.
+def _user_errors() -> tuple:
+    from vidssl.backbones.registry import UnknownBackboneError
+    from vidssl.backbones.weights import WeightsMismatchError
+
+    return (CLIError, FileNotFoundError, NotADirectoryError, ValueError, UnknownBackboneError,
+            WeightsMismatchError)
+
+
+# ============================================================================ LightningCLI
+def _lightning_cli_class() -> type:
+    """Build the LightningCLI subclass (imported lazily: Lightning is slow to import)."""
+    from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+
+    class _Parser(LightningArgumentParser):
+        """Adds the valid class names to errors about ``model`` / ``data``."""
+
+        def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
+            import pytorch_lightning as pl
+
+            from vidssl.data import VideoDataModule
+
+            for key, base in (("model", pl.LightningModule), ("data", VideoDataModule)):
+                if f'Parser key "{key}"' in message:
+                    names = [n for n in _subclasses(base) if n.startswith("vidssl.")]
+                    message += f"\nvalid {key} class_path values: {', '.join(names)}"
+            return super().error(message, ex)
+
+    class _VidsslCLI(LightningCLI):
+        """``LightningCLI`` with vidssl's links and start-up checks.
+
+        - ``data.num_views`` follows the method's ``num_views`` (one value, set by the method).
+        - A MoCo-style ``queue_size`` must be a multiple of the global batch size; checked when
+          the classes are built, before any video is read.
+        - Errors building the model or the data module (unknown backbone, missing data folder)
+          are reported as one line.
+        """
+
+        def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+            # The method knows how many views its loss needs; the data module has to produce
+            # exactly those. Linking on instantiation reads the class attribute of whichever
+            # method the config names.
+            parser.link_arguments(
+                "model", "data.init_args.num_views", compute_fn=_num_views, apply_on="instantiate"
+            )
+
+        def instantiate_classes(self) -> None:
+            try:
+                super().instantiate_classes()
+            except _user_errors() as e:
+                raise CLIError(
+                    f"could not build the model / data module from the config: {_clean(e)}"
+                ) from e
+            _check_batch_against_queue(self.model, self.datamodule, self.trainer)
+
+        def _early_setup(self, stage: str) -> None:
+            # Read the video indexes now, so a wrong data path fails before the trainer starts
+            # (the data module's setup is idempotent: Lightning's own call then does nothing).
+            try:
+                self.datamodule.setup(stage)
+            except (FileNotFoundError, NotADirectoryError, ValueError) as e:
+                raise CLIError(f"data: {e}") from e
+
+        def before_fit(self) -> None:
+            self._early_setup("fit")
+
+        def before_validate(self) -> None:
+            self._early_setup("validate")
+
+        def before_test(self) -> None:
+            self._early_setup("test")
+
+    _VidsslCLI.parser_class_for_vidssl = _Parser
+    return _VidsslCLI
+
+
+def _clean(error: Exception) -> str:
+    """Keep the informative line of jsonargparse's "does not validate against Union" wrapping."""
+    text = str(error)
+    if "Errors:" not in text:
+        return text
+    items = [ln.strip()[2:] for ln in text.splitlines() if ln.strip().startswith("- ")]
+    items = [i for i in items if not i.startswith("Expected a <class 'NoneType'>")]
+    return "; ".join(items) or text
+
+
+def _subclasses(base: type) -> List[str]:
+    """Return the class paths of the public subclasses of ``base`` (vidssl's by package)."""
+    found, todo = set(), list(base.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        if cls.__name__.startswith("_"):
+            continue
+        module = cls.__module__
+        # vidssl classes are exported by their package: vidssl.methods.simclr -> vidssl.methods
+        if module.startswith("vidssl."):
+            module = ".".join(module.split(".")[:2])
+        found.add(f"{module}.{cls.__name__}")
+    return sorted(found)
+
+
+def _num_views(model: Any) -> int:
+    return int(getattr(model, "num_views", 2))
+
+
+def _check_batch_against_queue(model: Any, datamodule: Any, trainer: Any) -> None:
+    """Fail early when a queue of negatives is not a multiple of the global batch size."""
+    queue = getattr(model, "queue_size", None)
+    batch = getattr(datamodule, "batch_size", None)
+    if not isinstance(queue, int) or not isinstance(batch, int):
+        return
+    world = int(getattr(trainer, "world_size", 1) or 1)
+    if queue % (batch * world):
+        raise CLIError(
+            f"model.queue_size={queue} is not a multiple of the global batch size "
+            f"data.batch_size x processes = {batch} x {world} = {batch * world}; each step "
+            "enqueues one global batch of keys (MoCo: K % batch == 0). Change one of them."
+        )
+
+
+def VidsslCLI(args: Optional[Sequence[str]] = None, run: bool = True) -> Any:  # noqa: N802
+    """Run (or, with ``run=False``, just build) the LightningCLI of vidssl on ``args``.
+
+    The model is any LightningModule (vidssl's methods, ``LinearProbe``, ``FineTune``, or your
+    own), the data module a :class:`vidssl.data.VideoDataModule` subclass, both chosen by
+    ``class_path`` in the config (short names such as ``SimCLR`` work for classes vidssl ships).
+    """
+    import pytorch_lightning as pl
+
+    import vidssl.evaluation.probe  # noqa: F401  (LinearProbe / FineTune by short name)
+    import vidssl.methods  # noqa: F401  (registers the method classes for short class paths)
+    from vidssl.data import VideoDataModule
+
+    for optional in ("vidssl.callbacks",):
+        try:
+            __import__(optional)  # callbacks become available by short name in configs
+        except ImportError:
+            pass
+    cls = _lightning_cli_class()
+    with warnings.catch_warnings():
+        # main(args) is also called in-process (tests, notebooks) where sys.argv is the host's.
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        return cls(
+            pl.LightningModule,
+            VideoDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            parser_class=cls.parser_class_for_vidssl,
+            args=list(args) if args is not None else None,
+            run=run,
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={
+                "prog": "vidssl",
+                "description": "Train or evaluate a vidssl method (LightningCLI).",
+            },
+        )
+
+
+# ============================================================================ plain commands
+class _Command:
+    """One plain subcommand: its help line, argument set-up and the function that runs it."""
+
+    def __init__(self, name: str, help: str, add: Callable, run: Callable) -> None:
+        self.name, self.help, self.add, self.run = name, help, add, run
+
+
+_COMMANDS: Dict[str, _Command] = {}
+
+
+def _command(name: str, help: str, add: Callable) -> Callable:
+    def decorator(run: Callable) -> Callable:
+        _COMMANDS[name] = _Command(name, help, add, run)
+        return run
+
+    return decorator
+
+
+def _add_encoder_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backbone", help="backbone name, for a state-dict .pth (checkpoints say it)")
+    p.add_argument("--width-mult", type=float, help="the backbone's width_mult (state dicts)")
+    p.add_argument("--random-init", action="store_true",
+                   help="CKPT is a backbone name: embed with a randomly initialised model")
+
+
+def _add_clip_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("clips (default: the checkpoint's data settings, else 10 x 16 @ 112)")
+    g.add_argument("--num-clips", type=int, help="clips per video, features averaged (10)")
+    g.add_argument("--clip-len", type=int, help="frames per clip (16)")
+    g.add_argument("--stride", type=int, help="frame step inside a clip (2)")
+    g.add_argument("--crop-size", type=int, help="centre crop side in pixels (112)")
+
+
+def _encoder_from_args(a: argparse.Namespace, source: str):
+    from vidssl.evaluation.embed import load_encoder
+
+    kwargs = {"width_mult": a.width_mult} if a.width_mult is not None else {}
+    return load_encoder(source, backbone=a.backbone, backbone_kwargs=kwargs,
+                        random_init=a.random_init)
+
+
+def _settings_from_args(a: argparse.Namespace, info: Dict[str, Any]):
+    from vidssl.evaluation.embed import ClipSettings
+
+    return ClipSettings.for_encoder(info, num_clips=a.num_clips, clip_len=a.clip_len,
+                                    stride=a.stride, crop_size=a.crop_size)
+
+
+def _device(name: Optional[str]) -> str:
+    import torch
+
+    if name:
+        return name
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ---------------------------------------------------------------------------- embed
+def _add_embed(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="CKPT",
+                   help="vidssl .ckpt, state-dict .pth (with --backbone), or a backbone name "
+                        "with --random-init")
+    p.add_argument("videos", metavar="VIDEOS", nargs="+",
+                   help="video files, folders (searched recursively) or text files of paths")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="embeddings folder")
+    _add_encoder_args(p)
+    _add_clip_args(p)
+    p.add_argument("--batch-size", type=int, default=4, help="videos per forward pass (4)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+                   help="decoding worker processes")
+    p.add_argument("--shard-size", type=int, default=256, help="videos per shard file (256)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+
+
+@_command("embed", "embed videos with a checkpoint (multi-clip averaged, resumable)", _add_embed)
+def _run_embed(a: argparse.Namespace) -> int:
+    from vidssl.evaluation.embed import embed_videos, find_videos
+
+    videos = find_videos(a.videos)
+    encoder, info = _encoder_from_args(a, a.ckpt)
+    settings = _settings_from_args(a, info)
+    print(f"embedding {len(videos)} videos with {info['backbone']} ({info['source']}); clips: "
+          f"{settings.num_clips} x {settings.clip_len} frames (stride {settings.stride}) at "
+          f"{settings.crop_size}px", file=sys.stderr)
+    emb = embed_videos(encoder, videos, a.output, settings, info, batch_size=a.batch_size,
+                       num_workers=a.num_workers, shard_size=a.shard_size,
+                       device=_device(a.device), overwrite=a.overwrite)
+    print(f"wrote {len(emb.paths)} embeddings (D={emb.features.shape[1]}) to {a.output}")
+    if emb.failed:
+        print(f"{len(emb.failed)} videos could not be read and were left out:", file=sys.stderr)
+        for line in emb.failed[:20]:
+            print(f"  {line}", file=sys.stderr)
+    print(f"next: vidssl index {a.output}")
+    return 0
+
+
+# ---------------------------------------------------------------------------- index
+def _add_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument("embeddings", metavar="DIR", help="embeddings folder from `vidssl embed`")
+    p.add_argument("-o", "--output", metavar="INDEX", help="index folder (default: DIR/index)")
+    p.add_argument("--kind", default="auto", choices=("auto", "flat", "ivf"),
+                   help="flat: exact; ivf: approximate, for very large sets; auto: flat up to "
+                        "200k videos")
+    p.add_argument("--nlist", type=int, help="IVF cells (default 4 sqrt(N))")
+    p.add_argument("--nprobe", type=int, default=16, help="IVF cells searched per query (16)")
+
+
+@_command("index", "build a faiss search index from an embeddings folder", _add_index)
+def _run_index(a: argparse.Namespace) -> int:
+    from vidssl.evaluation.embed import load_embeddings
+    from vidssl.evaluation.search import SearchIndex
+
+    emb = load_embeddings(a.embeddings)
+    if emb.meta.get("incomplete"):
+        print(f"warning: {emb.meta['incomplete']} videos of {a.embeddings} are not embedded yet "
+              "(re-run the same `vidssl embed` to finish)", file=sys.stderr)
+    meta = {"encoder": emb.meta.get("encoder", {}), "settings": emb.meta.get("settings", {}),
+            "embeddings": str(Path(a.embeddings).resolve())}
+    index = SearchIndex.build(emb.features, emb.paths, kind=a.kind, nlist=a.nlist,
+                              nprobe=a.nprobe, meta=meta)
+    out = index.save(a.output or Path(a.embeddings) / "index")
+    print(f"indexed {len(index)} videos ({index.kind}, D={index.dim}) in {out}")
+    print(f"next: vidssl search {out} QUERY.mp4 -k 10")
+    return 0
+
+
+# ---------------------------------------------------------------------------- search
+def _add_search(p: argparse.ArgumentParser) -> None:
+    p.add_argument("index", metavar="INDEX", help="index folder from `vidssl index`")
+    p.add_argument("queries", metavar="QUERY", nargs="+", help="query video(s)")
+    p.add_argument("-k", type=int, default=10, help="results per query (10)")
+    p.add_argument("--nprobe", type=int, help="IVF cells searched (overrides the index's)")
+    p.add_argument("--include-self", action="store_true",
+                   help="keep a query that is itself in the index among its results")
+    p.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
+    p.add_argument("--device", help="where query videos are embedded")
+
+
+@_command("search", "find the indexed videos most similar to query videos", _add_search)
+def _run_search(a: argparse.Namespace) -> int:
+    import numpy as np
+
+    from vidssl.evaluation.search import SearchIndex
+
+    index = SearchIndex.load(a.index, nprobe=a.nprobe)
+    queries = [str(Path(q).resolve()) if os.path.exists(q) else q for q in a.queries]
+    known = set(index.paths)
+    feats: List[Optional[np.ndarray]] = [
+        index.feature_of(q) if q in known else None for q in queries
+    ]
+    todo = [q for q, f in zip(queries, feats) if f is None]
+    if todo:
+        missing = [q for q in todo if not os.path.isfile(q)]
+        if missing:
+            raise CLIError(f"query video not found: {', '.join(missing)}")
+        embedded = iter(_embed_like_index(index, todo, a.device))
+        feats = [f if f is not None else next(embedded) for f in feats]
+    exclude = None if a.include_self else [q if q in known else None for q in queries]
+    results = index.search(np.stack(feats), k=a.k, exclude=exclude)
+    for q, hits in zip(queries, results):
+        if a.json:
+            print(json.dumps({"query": q, "results": [
+                {"rank": h.rank, "score": round(h.score, 6), "path": h.path} for h in hits]}))
+            continue
+        print(f"query: {q}")
+        print(f"{'rank':>4}  {'score':>6}  path")
+        for h in hits:
+            print(f"{h.rank:>4}  {h.score:>6.3f}  {h.path}")
+    return 0
+
+
+def _embed_like_index(index: Any, paths: List[str], device: Optional[str]):
+    """Embed query videos with the encoder and clip settings recorded in the index."""
+    from vidssl.evaluation.embed import ClipSettings, embed_paths, load_encoder
+
+    enc = index.meta.get("encoder") or {}
+    if not enc.get("source"):
+        raise CLIError(f"{paths[0]} is not in the index and the index does not record which model "
+                       "made it, so the query cannot be embedded; search with indexed videos")
+    encoder, _ = load_encoder(enc["source"], backbone=enc.get("backbone"),
+                              backbone_kwargs=enc.get("backbone_kwargs"),
+                              random_init=bool(enc.get("random_init")))
+    settings = ClipSettings(**(index.meta.get("settings") or {}))
+    return list(embed_paths(encoder, paths, settings, device=_device(device)))
+
+
+# ---------------------------------------------------------------------------- retrieval
+def format_recall_table(results: Dict[str, Any]) -> str:
+    """Format ``{name: RetrievalResult}`` as a table of R@k in percent, protocol line first."""
+    first = next(iter(results.values()))
+    ks = list(first.recall)
+    width = max(8, *(len(n) for n in results))
+    lines = [
+        f"retrieval protocol: {first.num_queries} test videos query {first.num_gallery} "
+        f"training videos; {first.num_clips} clips per video averaged; {first.feature} "
+        f"features{', mean-centred' if first.center else ''}; {first.similarity}; a query "
+        "counts at k when one of its k nearest training videos has its class",
+        f"{'model':<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in ks),
+    ]
+    for name, r in results.items():
+        lines.append(f"{name:<{width}} " + " ".join(f"{100 * r.recall[k]:>6.1f}" for k in ks))
+    return "\n".join(lines)
+
+
+def _add_retrieval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="vidssl .ckpt, state-dict .pth (with --backbone) "
+                   "or a backbone name with --random-init")
+    p.add_argument("root", metavar="ROOT",
+                   help="dataset: UCF101 / HMDB51 root (official split lists), class folders or "
+                        "CSV of the training (gallery) videos")
+    p.add_argument("--test", metavar="PATH", help="test (query) videos, when ROOT is not an "
+                   "official layout")
+    p.add_argument("--format", default="auto",
+                   choices=("auto", "class_folders", "csv", "ucf101", "hmdb51"))
+    p.add_argument("--split", type=int, default=1, help="official split 1-3 (1)")
+    p.add_argument("--annotations", help="folder of the official split files, if elsewhere")
+    _add_encoder_args(p)
+    _add_clip_args(p)
+    p.add_argument("--center", action="store_true", help="mean-centre features (CoCLR)")
+    p.add_argument("--baseline", action="store_true",
+                   help="also evaluate a randomly initialised backbone of the same architecture")
+    p.add_argument("--batch-size", type=int, default=8, help="videos per batch (8)")
+    p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+@_command("retrieval", "R@1/5/10/20/50 of a checkpoint on UCF101 / HMDB51 (test queries train)",
+          _add_retrieval)
+def _run_retrieval(a: argparse.Namespace) -> int:
+    from vidssl.data import VideoDataModule
+    from vidssl.evaluation.embed import load_encoder
+    from vidssl.evaluation.retrieval import evaluate_retrieval
+
+    encoder, info = _encoder_from_args(a, a.ckpt)
+    settings = _settings_from_args(a, info)
+    dm = VideoDataModule(
+        train=a.root, test=a.test, format=a.format, split=a.split, annotations=a.annotations,
+        clip_len=settings.clip_len, stride=settings.stride, crop_size=settings.crop_size,
+        short_side=settings.crop_size, batch_size=a.batch_size, num_workers=a.num_workers,
+    )
+    device = _device(a.device)
+    models = {Path(str(info["source"])).name: encoder}
+    if a.baseline:
+        models["random init"], _ = load_encoder(info["backbone"], backbone_kwargs=info.get(
+            "backbone_kwargs"), random_init=True)
+    results = {}
+    for name, model in models.items():
+        print(f"evaluating {name} ...", file=sys.stderr)
+        results[name] = evaluate_retrieval(model.to(device), dm, num_clips=settings.num_clips,
+                                           center=a.center)
+    print(format_recall_table(results))
+    if a.json:
+        Path(a.json).write_text(json.dumps({n: r.as_dict() for n, r in results.items()},
+                                           indent=1))
+    return 0
+
+
+# ---------------------------------------------------------------------------- export-backbone
+def _add_export(p: argparse.ArgumentParser) -> None:
+    p.add_argument("ckpt", metavar="CKPT", help="vidssl Lightning checkpoint (.ckpt)")
+    p.add_argument("-o", "--output", required=True, metavar="FILE.pth", help="output state dict")
+
+
+@_command("export-backbone", "save a checkpoint's backbone as a torchvision-layout state dict",
+          _add_export)
+def _run_export(a: argparse.Namespace) -> int:
+    import torch
+
+    from vidssl.backbones.weights import extract_state_dict
+    from vidssl.evaluation.embed import load_checkpoint
+
+    if not os.path.isfile(a.ckpt):
+        raise CLIError(f"checkpoint {a.ckpt} not found")
+    ckpt = load_checkpoint(a.ckpt)
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict) or not any(k.startswith("backbone.") for k in state):
+        raise CLIError(f"{a.ckpt} is not a vidssl Lightning checkpoint (no 'backbone.' weights "
+                       "in its state_dict)")
+    backbone = extract_state_dict(ckpt)
+    out = Path(a.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(backbone, out)
+    hp = ckpt.get("hyper_parameters") or {}
+    name = hp.get("backbone") if isinstance(hp.get("backbone"), str) else "NAME"
+    kwargs = "".join(f", {k}={v!r}" for k, v in (hp.get("backbone_kwargs") or {}).items())
+    print(f"wrote {len(backbone)} tensors to {out}")
+    print(f"load it with: vidssl.backbones.build({name!r}, weights={str(out)!r}{kwargs})")
+    return 0
+
+
+# ---------------------------------------------------------------------------- check-videos
+def _add_check(p: argparse.ArgumentParser) -> None:
+    p.add_argument("root", metavar="ROOT", help="dataset root, folder of videos or CSV")
+    p.add_argument("--format", default="auto",
+                   choices=("auto", "class_folders", "folder", "csv", "ucf101", "hmdb51"))
+    p.add_argument("--decode", action="store_true",
+                   help="also decode the first, middle and last frame of each video")
+    p.add_argument("--num-workers", type=int, default=4, help="probing threads (4)")
+    p.add_argument("--json", metavar="FILE", help="write the findings as JSON")
+
+
+def _check_one(path: str, decode: bool) -> Dict[str, Any]:
+    from vidssl.data.decoding import PyAVDecoder
+    from vidssl.data.index import probe_video
+
+    info = probe_video(path)
+    row = {"path": path, "frames": info.num_frames, "inexact": bool(info.exact),
+           "error": info.error or ("no frames" if info.num_frames <= 0 else "")}
+    if decode and not row["error"]:
+        n = info.num_frames
+        try:
+            PyAVDecoder().read(path, sorted({0, n // 2, n - 1}))
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a finding
+            row["error"] = f"decoding failed: {type(e).__name__}: {e}"
+    return row
+
+
+@_command("check-videos", "list unreadable videos and videos whose random access is inexact",
+          _add_check)
+def _run_check(a: argparse.Namespace) -> int:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    from vidssl.data.index import read_folder, read_index
+
+    # Every video of an official layout, not one split's list: all of them must be readable.
+    fmt = a.format
+    index = read_folder(a.root) if fmt in ("auto", "folder") and os.path.isdir(a.root) \
+        else read_index(a.root, format=fmt)
+    paths = [str(p) for p in index.paths]
+    with ThreadPoolExecutor(max(1, a.num_workers)) as pool:
+        rows = list(tqdm(pool.map(lambda p: _check_one(p, a.decode), paths), total=len(paths),
+                         desc="checking videos", unit="video"))
+    bad = [r for r in rows if r["error"]]
+    inexact = [r for r in rows if r["inexact"] and not r["error"]]
+    print(f"{len(rows)} videos: {len(bad)} unreadable, {len(inexact)} with inexact random "
+          "access (B-frames without timestamps: decoded sequentially, slower; "
+          "`vidssl transcode` makes fast copies)")
+    for r in bad:
+        print(f"unreadable  {r['path']}  ({r['error']})")
+    for r in inexact:
+        print(f"inexact     {r['path']}")
+    if a.json:
+        Path(a.json).write_text(json.dumps(rows, indent=1))
+    return 1 if bad else 0
+
+
+# ---------------------------------------------------------------------------- transcode
+def _add_transcode(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="folder of videos (e.g. a UCF101 / HMDB51 root)")
+    p.add_argument("dst", metavar="DST", help="output folder (same layout, .mp4 files)")
+    p.add_argument("--short-side", type=int, help="resize the short side (e.g. 128); default keep")
+    p.add_argument("--crf", type=int, default=20, help="x264 quality, lower is better (20)")
+    p.add_argument("--keyframe-interval", type=int, default=16, help="frames between keyframes")
+    p.add_argument("--preset", default="veryfast", help="x264 speed preset (veryfast)")
+    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--overwrite", action="store_true", help="re-encode existing outputs")
+
+
+@_command("transcode", "re-encode videos to H.264 MP4 for fast exact random access",
+          _add_transcode)
+def _run_transcode(a: argparse.Namespace) -> int:
+    from vidssl.data.transcode import transcode_dataset
+
+    results = transcode_dataset(a.src, a.dst, short_side=a.short_side, crf=a.crf,
+                                keyframe_interval=a.keyframe_interval, preset=a.preset,
+                                num_workers=a.num_workers, overwrite=a.overwrite, progress=True)
+    done = [r for r in results if not r.error]
+    skipped = [r for r in results if r.error == "skipped"]
+    failed = [r for r in results if r.error and r.error != "skipped"]
+    print(f"transcoded {len(done)} videos into {a.dst} ({len(skipped)} existed, "
+          f"{len(failed)} failed)")
+    for r in failed:
+        print(f"  failed: {r.src}: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------------------- demo
+def _add_demo(p: argparse.ArgumentParser) -> None:
+    from vidssl.demo import DemoSettings
+
+    d = DemoSettings()
+    p.add_argument("-o", "--output", default=d.out_dir, help=f"results folder ({d.out_dir})")
+    p.add_argument("--cache-dir", default=d.cache_dir,
+                   help="where the synthetic videos are generated (reused)")
+    p.add_argument("--method", default=d.method, choices=("ClusterTriplet", "SimCLR"))
+    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--videos-per-class", type=int, default=d.videos_per_class)
+    p.add_argument("--width-mult", type=float, default=d.width_mult)
+    p.add_argument("--num-workers", type=int, default=d.num_workers)
+
+
+@_command("demo", "pretrain on synthetic videos, evaluate, plot, index (CPU, a few minutes)",
+          _add_demo)
+def _run_demo(a: argparse.Namespace) -> int:
+    from vidssl.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(out_dir=a.output, cache_dir=a.cache_dir, method=a.method,
+                          epochs=a.epochs, videos_per_class=a.videos_per_class,
+                          width_mult=a.width_mult, num_workers=a.num_workers))
+    return 0
+
+
+# ---------------------------------------------------------------------------- dispatch
+def _overview() -> str:
+    lines = [
+        "usage: vidssl COMMAND [options]      (vidssl COMMAND --help for a command's options)",
+        "",
+        "training and evaluation (LightningCLI; --config FILE.yaml, --print_config):",
+        "  fit          train a method",
+        "  validate     run the validation loop of a checkpoint",
+        "  test         run the test loop of a checkpoint",
+        "  predict      run prediction",
+        "",
+        "tools:",
+    ]
+    lines += [f"  {c.name:<16} {c.help}" for c in _COMMANDS.values()]
+    lines += ["", "docs: docs/quickstart.md, docs/cli.md"]
+    return "\n".join(lines)
+
+
+def _run_plain(name: str, argv: List[str]) -> int:
+    cmd = _COMMANDS[name]
+    parser = argparse.ArgumentParser(prog=f"vidssl {name}", description=cmd.help)
+    cmd.add(parser)
+    args = parser.parse_args(argv)
+    try:
+        return int(cmd.run(args) or 0)
+    except _user_errors() as e:
+        if os.environ.get("VIDSSL_TRACEBACK"):
+            raise
+        print(f"vidssl {name}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def main(args: Optional[Sequence[str]] = None) -> int:
+    """Run the ``vidssl`` command on ``args`` (default ``sys.argv[1:]``); return the exit code.
+
+    Plain subcommands are dispatched here; ``fit``, ``validate``, ``test`` and ``predict`` (and
+    anything else) go to LightningCLI. Errors the user can fix print one line and return 2.
+    """
+    argv = list(sys.argv[1:] if args is None else args)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(_overview())
+        return 0
+    if argv[0] == "--version":
+        from vidssl import __version__
+
+        print(f"vidssl {__version__}")
+        return 0
+    if argv[0] in _COMMANDS:
+        return _run_plain(argv[0], argv[1:])
+    if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        print(f"vidssl: error: unknown command {argv[0]!r}\n\n{_overview()}", file=sys.stderr)
+        return 2
+    try:
+        # args=None lets LightningCLI read sys.argv itself (it warns when given both).
+        VidsslCLI(None if args is None else argv)
+    except CLIError as e:
+        if os.environ.get("VIDSSL_TRACEBACK"):
+            raise
+        print(f"vidssl {argv[0]}: error: {e}", file=sys.stderr)
+        return 2
+    except SystemExit as e:  # jsonargparse reports config errors by exiting
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    return 0

@@ -1,0 +1,268 @@
+"""Nearest-neighbour video retrieval, the protocol of the field (R@k on UCF101 / HMDB51).
+
+Queries are the test videos, the gallery the training videos; a query is a hit at k when any
+of its k nearest gallery videos (cosine similarity, exact search) has its class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Dict, Optional, Sequence, Tuple
+
+import faiss
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "DEFAULT_KS",
+    "RetrievalResult",
+    "evaluate_retrieval",
+    "extract_features",
+    "recall_at_k",
+    "topk_neighbours",
+]
+
+#: The ks every paper of the field reports (e.g. Xu et al. 2019 VCOP, CoCLR, SLIC).
+DEFAULT_KS: Tuple[int, ...] = (1, 5, 10, 20, 50)
+
+
+def _prepare(feats: Any, center: bool) -> np.ndarray:
+    x = np.array(feats, dtype=np.float32, copy=True)
+    if x.ndim != 2:
+        raise ValueError(f"features must be N x D, got shape {x.shape}")
+    if center:
+        # CoCLR (TengdaHan/CoCLR eval/main_classifier.py, test_retrieval) subtracts each set's
+        # own mean before normalising: it removes the direction every feature shares.
+        x -= x.mean(axis=0, keepdims=True)
+    faiss.normalize_L2(x)
+    return x
+
+
+def topk_neighbours(
+    query_feats: Any, gallery_feats: Any, k: int, center: bool = False
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Return the ``k`` most cosine-similar gallery rows of every query, exactly.
+
+    Features are L2-normalised (after optional mean-centring) and searched with faiss
+    ``IndexFlatIP``, an exact inner-product search.
+
+    Args:
+        query_feats: ``Q x D`` array-like.
+        gallery_feats: ``G x D`` array-like.
+        k: neighbours per query (at most ``G``).
+        center: subtract each set's mean first (CoCLR).
+
+    Returns:
+        ``(similarities Q x k, gallery indices Q x k)``, most similar first.
+    """
+    q = _prepare(query_feats, center)
+    g = _prepare(gallery_feats, center)
+    if q.shape[1] != g.shape[1]:
+        raise ValueError(f"query and gallery feature sizes differ: {q.shape[1]} vs {g.shape[1]}")
+    if not 1 <= k <= len(g):
+        raise ValueError(f"k must be in [1, {len(g)}] (the gallery size), got {k}")
+    index = faiss.IndexFlatIP(g.shape[1])
+    index.add(g)
+    return index.search(q, k)
+
+
+def recall_at_k(
+    query_feats: Any,
+    query_labels: Any,
+    gallery_feats: Any,
+    gallery_labels: Any,
+    ks: Sequence[int] = DEFAULT_KS,
+    center: bool = False,
+) -> Dict[int, float]:
+    """Return R@k for every k: the share of queries with their class among the top-k.
+
+    The top-``max(ks)`` neighbours are searched once and every R@k is read from them. A k larger
+    than the gallery is clipped to the gallery size (every gallery item is then retrieved).
+
+    Args:
+        query_feats: ``Q x D`` features of the queries (test split).
+        query_labels: ``Q`` class ids.
+        gallery_feats: ``G x D`` features of the gallery (train split).
+        gallery_labels: ``G`` class ids.
+        ks: the ks to report.
+        center: mean-centre each set before normalising (CoCLR).
+
+    Returns:
+        ``{k: recall in [0, 1]}``.
+    """
+    ql = np.asarray(query_labels).reshape(-1)
+    gl = np.asarray(gallery_labels).reshape(-1)
+    if len(ql) != len(query_feats) or len(gl) != len(gallery_feats):
+        raise ValueError(
+            f"labels and features differ in length: {len(ql)} query labels for "
+            f"{len(query_feats)} features, {len(gl)} gallery labels for {len(gallery_feats)}"
+        )
+    if not ks or min(ks) < 1:
+        raise ValueError(f"ks must be positive integers, got {list(ks)}")
+    kmax = min(max(ks), len(gl))
+    _, idx = topk_neighbours(query_feats, gallery_feats, kmax, center=center)
+    hits = gl[idx] == ql[:, None]  # Q x kmax
+    # first_hit[i] = rank of the first correct neighbour (kmax when none): R@k = P(first < k).
+    first_hit = np.where(hits.any(axis=1), hits.argmax(axis=1), kmax)
+    return {int(k): float((first_hit < min(k, kmax)).mean()) for k in ks}
+
+
+@dataclasses.dataclass
+class RetrievalResult:
+    """R@k with the protocol knobs that produced it (report them beside the numbers).
+
+    Attributes:
+        recall: ``{k: R@k}`` in [0, 1].
+        num_queries: ``Q`` (test videos).
+        num_gallery: ``G`` (training videos).
+        num_clips: clips per video whose features are averaged.
+        center: whether features were mean-centred (CoCLR).
+        feature: which features were compared (``"backbone"`` or ``"projection"``).
+        similarity: the similarity and the search used.
+    """
+
+    recall: Dict[int, float]
+    num_queries: int
+    num_gallery: int
+    num_clips: int
+    center: bool
+    feature: str = "backbone"
+    similarity: str = "cosine, exact (faiss IndexFlatIP on L2-normalised features)"
+
+    def as_dict(self) -> Dict[str, Any]:
+        """Return a flat dict (``R@1``, ``R@5``, ..., and the knobs), e.g. for a logger."""
+        out: Dict[str, Any] = {f"R@{k}": v for k, v in self.recall.items()}
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        del out["recall"]
+        return out
+
+
+def _eval_loader(datamodule: Any, split: str, num_clips: int):
+    """Return a loader over ``split`` ("train" / "test"), ``num_clips`` uniform clips a video."""
+    # A data module that offers the loader itself wins (one place for its dataset knobs).
+    maker = getattr(datamodule, "eval_dataloader", None)
+    if callable(maker):
+        return maker(split, num_clips=num_clips)
+    from torch.utils.data import DataLoader
+
+    from vidssl.data import VideoDataset, collate_videos
+
+    datamodule.setup("fit")
+    source = datamodule.train_dataset if split == "train" else datamodule.test_dataset
+    if source is None:
+        raise RuntimeError(
+            f"the data module has no {split} videos; pass VideoDataModule({split}=...) "
+            "(UCF101 / HMDB51 layouts take the test split from the official lists)"
+        )
+    dm = datamodule
+    ds = VideoDataset(
+        source.index,
+        clip_len=dm.clip_len,
+        stride=dm.stride,
+        mode="eval",
+        num_clips=num_clips,
+        short_side=dm.short_side,
+        backend=dm.backend,
+        decode_threads=dm.decode_threads,
+        on_error=dm.eval_on_error,
+    )
+    return DataLoader(
+        ds,
+        batch_size=dm.eval_batch_size,
+        shuffle=False,
+        num_workers=dm.num_workers,
+        collate_fn=collate_videos,
+    )
+
+
+@torch.no_grad()
+def extract_features(
+    model: nn.Module,
+    loader: Any,
+    augment: Any = None,
+    projection: bool = False,
+    device: Optional[torch.device] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Return one feature per video: the mean over its clips' features.
+
+    Args:
+        model: a ``VideoSSLMethod`` (or any module whose ``forward`` gives ``B x D``).
+        loader: yields batches of the batch contract whose ``views`` are the clips of each video.
+        augment: ``callable(batch) -> batch`` turning uint8 views into float ones on the device
+            (e.g. ``lambda b: dm.augment(b, train=False)``); ``None`` when views are float.
+        projection: average projection-head outputs instead of backbone features.
+        device: where to run the model (default: the model's device).
+        dtype: dtype of the returned features (``float16`` halves the memory of a bank).
+
+    Returns:
+        ``(features N x D on the CPU, labels N, dataset indices N)``.
+    """
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    feats, labels, indices = [], [], []
+    try:
+        for batch in loader:
+            batch = dict(batch)
+            batch["views"] = [v.to(device) for v in batch["views"]]
+            if augment is not None:
+                batch = augment(batch)
+            views = batch["views"]
+            b = views[0].shape[0]
+            # All clips in one forward pass: N * B clips, then the mean over the N clips.
+            out = model(torch.cat(views, dim=0))
+            if projection:
+                out = model.projection(out)
+            feats.append(out.view(len(views), b, -1).mean(dim=0).to("cpu", dtype))
+            labels.append(torch.as_tensor(batch["label"]).cpu())
+            indices.append(torch.as_tensor(batch["index"]).cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+
+
+def evaluate_retrieval(
+    model: nn.Module,
+    datamodule: Any,
+    num_clips: int = 10,
+    ks: Sequence[int] = DEFAULT_KS,
+    center: bool = False,
+    projection: bool = False,
+    device: Optional[torch.device] = None,
+) -> RetrievalResult:
+    """Run the retrieval protocol: test videos query the training videos.
+
+    Every video is represented by the mean of its backbone features over ``num_clips``
+    uniformly spaced clips (10 in the field's protocol), with the data module's evaluation
+    transform (resize and centre crop).
+
+    Args:
+        model: the trained method (its ``forward`` returns backbone features).
+        datamodule: a ``VideoDataModule`` with training and test videos.
+        num_clips: clips per video.
+        ks: the ks to report.
+        center: mean-centre the features (CoCLR).
+        projection: compare projection-head outputs instead of backbone features.
+        device: where to run the model (default: the model's device).
+    """
+
+    def augment(batch):
+        return datamodule.augment(batch, train=False)
+
+    q, ql, _ = extract_features(
+        model, _eval_loader(datamodule, "test", num_clips), augment, projection, device
+    )
+    g, gl, _ = extract_features(
+        model, _eval_loader(datamodule, "train", num_clips), augment, projection, device
+    )
+    recall = recall_at_k(q.numpy(), ql.numpy(), g.numpy(), gl.numpy(), ks=ks, center=center)
+    return RetrievalResult(
+        recall=recall,
+        num_queries=len(q),
+        num_gallery=len(g),
+        num_clips=num_clips,
+        center=center,
+        feature="projection" if projection else "backbone",
+    )
