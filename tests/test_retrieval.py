@@ -109,13 +109,20 @@ def _tiny():
 
 
 @pytest.mark.slow
-def test_evaluate_retrieval_on_videos(tiny_video_root):
+def test_evaluate_retrieval_on_videos(tiny_video_root, capsys):
     dm = _datamodule(tiny_video_root)
-    result = evaluate_retrieval(_tiny(), dm, num_clips=3, ks=(1, 5, 50))
+    model = _tiny()
+    result = evaluate_retrieval(model, dm, num_clips=3, ks=(1, 5, 50))
     # 4 classes x 6 videos; split 1 holds 2 test videos per class.
     assert (result.num_queries, result.num_gallery, result.num_clips) == (8, 16, 3)
     r = result.recall
     assert 0.0 <= r[1] <= r[5] <= r[50] == 1.0
+    # The progress bars name each split and change nothing in the result.
+    capsys.readouterr()
+    shown = evaluate_retrieval(model, dm, num_clips=3, ks=(1, 5, 50), progress=True)
+    err = capsys.readouterr().err
+    assert "queries (test)" in err and "gallery (train)" in err
+    assert shown.recall == r
 
 
 @pytest.mark.slow

@@ -434,7 +434,7 @@ def _run_retrieval(a: argparse.Namespace) -> int:
     for name, model in models.items():
         print(f"evaluating {name} ...", file=sys.stderr)
         results[name] = evaluate_retrieval(model.to(device), dm, num_clips=settings.num_clips,
-                                           center=a.center)
+                                           center=a.center, progress=True)
     print(format_recall_table(results))
     if a.json:
         Path(a.json).write_text(json.dumps({n: r.as_dict() for n, r in results.items()},

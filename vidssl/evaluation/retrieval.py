@@ -184,6 +184,7 @@ def extract_features(
     projection: bool = False,
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
+    progress: Optional[str] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return one feature per video: the mean over its clips' features.
 
@@ -195,10 +196,15 @@ def extract_features(
         projection: average projection-head outputs instead of backbone features.
         device: where to run the model (default: the model's device).
         dtype: dtype of the returned features (``float16`` halves the memory of a bank).
+        progress: when given, show a progress bar (tqdm) with this description.
 
     Returns:
         ``(features N x D on the CPU, labels N, dataset indices N)``.
     """
+    if progress is not None:
+        from tqdm.auto import tqdm
+
+        loader = tqdm(loader, desc=progress, unit="batch")
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
@@ -231,6 +237,7 @@ def evaluate_retrieval(
     center: bool = False,
     projection: bool = False,
     device: Optional[torch.device] = None,
+    progress: bool = False,
 ) -> RetrievalResult:
     """Run the retrieval protocol: test videos query the training videos.
 
@@ -246,16 +253,19 @@ def evaluate_retrieval(
         center: mean-centre the features (CoCLR).
         projection: compare projection-head outputs instead of backbone features.
         device: where to run the model (default: the model's device).
+        progress: show a progress bar for each split's feature extraction.
     """
 
     def augment(batch):
         return datamodule.augment(batch, train=False)
 
     q, ql, _ = extract_features(
-        model, _eval_loader(datamodule, "test", num_clips), augment, projection, device
+        model, _eval_loader(datamodule, "test", num_clips), augment, projection, device,
+        progress="queries (test)" if progress else None,
     )
     g, gl, _ = extract_features(
-        model, _eval_loader(datamodule, "train", num_clips), augment, projection, device
+        model, _eval_loader(datamodule, "train", num_clips), augment, projection, device,
+        progress="gallery (train)" if progress else None,
     )
     recall = recall_at_k(q.numpy(), ql.numpy(), g.numpy(), gl.numpy(), ks=ks, center=center)
     return RetrievalResult(
