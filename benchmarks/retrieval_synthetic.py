@@ -1,36 +1,35 @@
-"""Retrieval R@k after a short pretraining on the synthetic motion collection, vs random init.
+"""Retrieval after short pretraining: every method against a randomly initialised backbone.
 
-Writes the synthetic collection (classes differ only by motion; see vidssl.data.synthetic),
-evaluates a randomly initialised backbone, then pretrains each method in ``--methods`` from the
-same initial weights and evaluates it with the retrieval protocol (test videos query the
-training videos, features averaged over ``--num-clips`` uniform clips, cosine, exact search).
+Methods: SimCLR, MoCo v2, SLIC's ClusterTriplet and ClusterContrast, all from the same initial
+backbone weights (the random-init row).
 
-    .venv/bin/python benchmarks/retrieval_synthetic.py                       # simclr, moco
-    .venv/bin/python benchmarks/retrieval_synthetic.py --methods moco --epochs 30
+Writes the synthetic motion collection (classes differ only by motion; vidssl.data.synthetic),
+pretrains each method for the same number of epochs from the same initial backbone weights,
+and reports retrieval R@k (test videos query the training videos; vidssl.evaluation) side by
+side, with the pseudo-label quality (NMI/AMI, false-positive rate of cluster positives) of every
+re-clustering the PseudoLabels callback made.
 
-A method is a name in ``METHODS`` or ``package.module:factory`` where ``factory(args)`` returns
-``(method, callbacks)``; cluster-guided methods add themselves that way (with their
-``PseudoLabels`` callback).
+    .venv/bin/python benchmarks/retrieval_synthetic.py
+    .venv/bin/python benchmarks/retrieval_synthetic.py --epochs 30 --every 5
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import os
 import platform
 import tempfile
 import time
 import warnings
-from typing import Callable, Dict, List, Tuple
 
 import pytorch_lightning as pl
 import torch
 
+from vidssl.callbacks import PseudoLabels
 from vidssl.data import VideoDataModule, write_synthetic_dataset
 from vidssl.evaluation import evaluate_retrieval
-from vidssl.methods import MoCo, SimCLR
+from vidssl.methods import ClusterContrast, ClusterTriplet, MoCo, SimCLR
 
 warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -38,33 +37,40 @@ logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
 
 
 def _backbone(args) -> dict:
-    return dict(backbone="r3d_18", backbone_kwargs={"width_mult": args.width})
+    # The same narrow backbone for every method, so that only the method differs.
+    return dict(backbone=args.backbone, backbone_kwargs={"width_mult": args.width})
 
 
-def _simclr(args) -> Tuple[pl.LightningModule, List[pl.Callback]]:
-    return SimCLR(lr=args.lr, weight_decay=1e-4, **_backbone(args)), []
+def _build(name: str, args):
+    """Return (method, callbacks, data module settings) of a method name."""
+    if name == "random":
+        return SimCLR(**_backbone(args)), [], {}
+    if name == "simclr":
+        return SimCLR(lr=args.lr, weight_decay=1e-4, **_backbone(args)), [], {}
+    if name == "moco":
+        # As for ClusterContrast below: --ema instead of 0.999 for a short run, and a queue of
+        # two batches (a multiple of the batch, as MoCo requires).
+        method = MoCo(version=2, lr=args.lr, queue_size=2 * args.batch, ema_momentum=args.ema,
+                      **_backbone(args))
+        return method, [], {}
+    if name == "slic":
+        # SLIC's own optimiser defaults (SGD lr 0.1, momentum 0.5, no weight decay).
+        method = ClusterTriplet(**_backbone(args))
+        cb = PseudoLabels(every_n_epochs=args.every, p_same=args.p_same, seed=args.seed)
+        return method, [cb], {"num_views": 3, "repeat_anchor": True, "train_preset": "slic"}
+    if name == "cluster_contrast":
+        # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
+        # its initial weights, so --ema (0.9) is used; the queue holds about one epoch of keys.
+        method = ClusterContrast(
+            lr=args.lr, queue_size=2 * args.batch, ema_momentum=args.ema, **_backbone(args)
+        )
+        cb = PseudoLabels(every_n_epochs=args.every, p_same=args.p_same, seed=args.seed)
+        return method, [cb], {}
+    raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast")
 
 
-def _moco(args) -> Tuple[pl.LightningModule, List[pl.Callback]]:
-    # The queue holds 16 batches: about 3 epochs of keys on this small collection.
-    return MoCo(lr=args.lr, queue_size=16 * args.batch, **_backbone(args)), []
-
-
-#: name -> factory(args) returning (method, callbacks).
-METHODS: Dict[str, Callable] = {"simclr": _simclr, "moco": _moco}
-
-
-def _factory(name: str) -> Callable:
-    if name in METHODS:
-        return METHODS[name]
-    if ":" in name:
-        module, attr = name.split(":", 1)
-        return getattr(importlib.import_module(module), attr)
-    raise SystemExit(f"unknown method {name!r}; valid: {', '.join(METHODS)} or module:factory")
-
-
-def _datamodule(root: str, args) -> VideoDataModule:
-    return VideoDataModule(
+def _datamodule(root: str, args, **kw) -> VideoDataModule:
+    settings = dict(
         train=root,
         clip_len=args.clip_len,
         stride=2,
@@ -74,21 +80,27 @@ def _datamodule(root: str, args) -> VideoDataModule:
         num_workers=args.workers,
         backend="pyav",
     )
+    settings.update(kw)
+    return VideoDataModule(**settings)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--methods", nargs="+", default=["simclr", "moco"])
+    ap.add_argument("--methods", nargs="+", default=["simclr", "moco", "slic", "cluster_contrast"])
     ap.add_argument("--root", default=None, help="where to write the collection (default: tmp)")
     ap.add_argument("--classes", type=int, default=6)
     ap.add_argument("--videos-per-class", type=int, default=20)
     ap.add_argument("--frames", type=int, default=32)
     ap.add_argument("--clip-len", type=int, default=8)
     ap.add_argument("--crop", type=int, default=48)
-    ap.add_argument("--width", type=float, default=0.25, help="R3D-18 width multiplier")
+    ap.add_argument("--backbone", default="r3d_18")
+    ap.add_argument("--width", type=float, default=0.25, help="backbone width multiplier")
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=20)
-    ap.add_argument("--lr", type=float, default=0.1)
+    ap.add_argument("--every", type=int, default=4, help="re-clustering period (epochs)")
+    ap.add_argument("--p-same", type=float, default=0.2, help="same-video positive probability")
+    ap.add_argument("--lr", type=float, default=0.1, help="lr of SimCLR, MoCo, ClusterContrast")
+    ap.add_argument("--ema", type=float, default=0.9, help="MoCo, ClusterContrast key momentum")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)
@@ -102,41 +114,54 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, no GPU used; torch "
           f"{torch.__version__}; load average {os.getloadavg()}")  # fmt: skip
     print(f"collection: {args.classes} motion classes x {args.videos_per_class} videos of "
-          f"{args.frames} frames; R3D-18 width {args.width}, clips {args.clip_len} x "
-          f"{args.crop}px, batch {args.batch}, {args.epochs} epochs, eval {args.num_clips} clips")
+          f"{args.frames} frames; {args.backbone} width {args.width}, clips {args.clip_len} x "
+          f"{args.crop}px, batch {args.batch}, {args.epochs} epochs, re-clustering every "
+          f"{args.every} epochs, p_same {args.p_same}, eval {args.num_clips} clips", flush=True)
 
-    rows = []
-    pl.seed_everything(args.seed, verbose=False)
-    random_init, _ = _simclr(args)
-    dm = _datamodule(root, args)
-    res = evaluate_retrieval(random_init, dm, num_clips=args.num_clips)
-    rows.append(("random init", 0.0, res))
-    for name in args.methods:
+    rows, histories = [], {}
+    for name in ["random"] + args.methods:
         # The same seed before building: every method starts from the same backbone weights.
         pl.seed_everything(args.seed, verbose=False)
-        method, callbacks = _factory(name)(args)
-        dm = _datamodule(root, args)
-        trainer = pl.Trainer(
-            max_epochs=args.epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-            callbacks=callbacks,
-        )  # fmt: skip
-        start = time.perf_counter()
-        trainer.fit(method, datamodule=dm)
-        minutes = (time.perf_counter() - start) / 60
-        rows.append((name, minutes, evaluate_retrieval(method, dm, num_clips=args.num_clips)))
+        method, callbacks, dm_kw = _build(name, args)
+        dm = _datamodule(root, args, **dm_kw)
+        minutes = 0.0
+        if name != "random":
+            trainer = pl.Trainer(
+                max_epochs=args.epochs, accelerator="cpu", logger=False,
+                enable_checkpointing=False, enable_progress_bar=False,
+                enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
+            )  # fmt: skip
+            start = time.perf_counter()
+            trainer.fit(method, datamodule=dm)
+            minutes = (time.perf_counter() - start) / 60
+        res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips)
+        rows.append((name, minutes, res))
+        for cb in callbacks:
+            if isinstance(cb, PseudoLabels):
+                histories[name] = cb.history
+        print(f"{name}: R@1 {res.recall[1]:.3f} after {minutes:.1f} min", flush=True)
 
     ks = list(rows[0][2].recall)
     r = rows[0][2]
-    print(f"queries (test) {r.num_queries}, gallery (train) {r.num_gallery}, "
+    print(f"\nqueries (test) {r.num_queries}, gallery (train) {r.num_gallery}, "
           f"{r.similarity}, centre={r.center}, chance R@1 ~ {1 / args.classes:.3f}")
-    print(f"{'method':14} {'train min':>9} " + " ".join(f"{'R@' + str(k):>6}" for k in ks)
-          + f" {'R@1 / random':>12}")  # fmt: skip
+    print(f"{'method':17} {'train min':>9} " + " ".join(f"{'R@' + str(k):>6}" for k in ks)
+          + f" {'R@1/random':>10} {'R@1/SimCLR':>10}")  # fmt: skip
     base = rows[0][2].recall[1]
+    simclr = dict((n, x) for n, _, x in rows).get("simclr")
     for name, minutes, res in rows:
         ratio = res.recall[1] / base if base > 0 else float("nan")
-        print(f"{name:14} {minutes:9.1f} " + " ".join(f"{res.recall[k]:6.3f}" for k in ks)
-              + f" {ratio:12.2f}")  # fmt: skip
+        vs = res.recall[1] / simclr.recall[1] if simclr and simclr.recall[1] > 0 else float("nan")
+        print(f"{name:17} {minutes:9.1f} " + " ".join(f"{res.recall[k]:6.3f}" for k in ks)
+              + f" {ratio:10.2f} {vs:10.2f}")  # fmt: skip
+    for name, hist in histories.items():
+        print(f"\npseudo-labels of {name} (one row per re-clustering):")
+        print(f"{'epoch':>5} {'clusters':>8} {'NMI':>6} {'AMI':>6} {'pos FP':>7} {'neg FN':>7}")
+        nan = float("nan")
+        for h in hist:
+            print(f"{h['epoch']:5d} {h['num_clusters']:8d} {h.get('nmi', nan):6.3f} "
+                  f"{h.get('ami', nan):6.3f} {h.get('positive_fp_rate', nan):7.3f} "
+                  f"{h.get('negative_fn_rate', nan):7.3f}")  # fmt: skip
     print(f"load average after: {os.getloadavg()}")
 
 

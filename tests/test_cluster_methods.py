@@ -141,7 +141,7 @@ def test_cluster_contrast_defaults():
 @pytest.mark.slow
 def test_slic_trains_on_videos_with_pair_sampling(tmp_path, tiny_video_root):
     # End to end with the real data module: pair sampling, the repeated anchor view, the bank.
-    # (ClusterContrast trains in benchmarks/cluster_methods_synthetic.py.)
+    # (ClusterContrast trains in benchmarks/retrieval_synthetic.py.)
     from vidssl.data import VideoDataModule
 
     model = ClusterTriplet(backbone_kwargs=TINY, proj_hidden_dim=32, lr=0.05)
