@@ -232,3 +232,39 @@ def test_check_videos_lists_unreadable_and_inexact_files(tmp_path, capsys):
     rows = {Path(r["path"]).name: r for r in json.loads(report.read_text())}
     assert rows["broken.avi"]["error"] and not rows["ok.mp4"]["error"]
     assert rows["bframes.avi"]["inexact"] and not rows["ok.mp4"]["inexact"]
+
+
+def test_check_videos_decode_finds_streams_whose_decoder_logs_errors(tmp_path, capsys):
+    import numpy as np
+
+    from vidssl.data.decoding import scan_video
+    from vidssl.data.synthetic import render_video, write_video
+
+    frames = render_video("MoveLeft", np.random.default_rng(0), num_frames=32)
+    write_video(tmp_path / "ok.avi", frames)
+    data = bytearray((tmp_path / "ok.avi").read_bytes())
+    mid = len(data) // 2  # overwrite 2 kB mid-stream: FFmpeg conceals it and logs errors
+    data[mid : mid + 2000] = np.random.default_rng(1).integers(0, 256, 2000, np.uint8).tobytes()
+    (tmp_path / "damaged.avi").write_bytes(bytes(data))
+    assert scan_video(str(tmp_path / "ok.avi")) == (32, 0, [])
+    frames_decoded, errors, messages = scan_video(str(tmp_path / "damaged.avi"))
+    assert errors > 0 and len(messages) == min(errors, 5)
+    # Without --decode the damage is invisible (the container probes fine) ...
+    assert main(["check-videos", str(tmp_path)]) == 0
+    assert "add --decode" in capsys.readouterr().out
+    # ... with it, the damaged file is listed with the decoder's first message.
+    assert main(["check-videos", str(tmp_path), "--decode"]) == 1
+    out = capsys.readouterr().out
+    assert "2 videos: 0 unreadable, 1 damaged" in out
+    assert f"damaged     {tmp_path / 'damaged.avi'}" in out and "decoder errors" in out
+
+
+@pytest.mark.parametrize("stage", ["validate", "test"])
+def test_validate_and_test_of_a_self_supervised_method_say_what_to_run(
+    stage, tmp_path, tiny_video_root, capsys
+):
+    cfg = _config(tmp_path, tiny_video_root)
+    assert main([stage, "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"SimCLR defines no {'validation' if stage == 'validate' else 'test'}_step" in err
+    assert "vidssl retrieval CKPT ROOT" in err and "Traceback" not in err

@@ -31,6 +31,22 @@ def test_synthetic_is_deterministic_and_differs_by_motion():
         render_video("Jump", np.random.default_rng(0))
 
 
+def test_shared_appearance_leaves_only_motion_to_tell_videos_apart():
+    from vidssl.data.synthetic import draw_appearance
+
+    look = draw_appearance(np.random.default_rng(0))
+    rng = np.random.default_rng(1)
+    a, b = (render_video(m, rng, num_frames=8, appearance=look) for m in ("MoveLeft", "ZoomIn"))
+    # Same background colour in the corner, and the same texture colours in both videos ...
+    np.testing.assert_array_equal(a[0, 0, 0], look[1])
+    np.testing.assert_array_equal(b[0, 0, 0], look[1])
+    colours = lambda v: {tuple(c) for c in v.reshape(-1, 3)}  # noqa: E731
+    assert colours(a) == colours(b) <= colours(look[0][None]) | {tuple(look[1])}
+    # ... while each video without a shared look has its own background.
+    c, d = (render_video("MoveLeft", np.random.default_rng(s), num_frames=2) for s in (2, 3))
+    assert not np.array_equal(c[0, 0, 0], d[0, 0, 0])
+
+
 def test_ucf101_layout_and_reader(tiny_video_root):
     ann = tiny_video_root / "ucfTrainTestlist"
     lines = (ann / "classInd.txt").read_text().split()

@@ -37,6 +37,7 @@ def _user_errors() -> tuple:
 def _lightning_cli_class() -> type:
     """Build the LightningCLI subclass (imported lazily: Lightning is slow to import)."""
     from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+    from pytorch_lightning.utilities.model_helpers import is_overridden
 
     class _Parser(LightningArgumentParser):
         """Adds the valid class names to errors about ``model`` / ``data``."""
@@ -90,10 +91,24 @@ def _lightning_cli_class() -> type:
         def before_fit(self) -> None:
             self._early_setup("fit")
 
+        def _require_step(self, stage: str, hook: str) -> None:
+            # Lightning would fail only after building the trainer, with a message about its own
+            # hooks; the self-supervised methods have no labels to validate against.
+            if not is_overridden(hook, self.model):
+                raise CLIError(
+                    f"{type(self.model).__name__} defines no {hook}: a self-supervised method "
+                    f"is evaluated by retrieval, not by `vidssl {stage}`. Run `vidssl retrieval "
+                    "CKPT ROOT` on a checkpoint, add the vidssl.callbacks.RetrievalMonitor "
+                    "callback to `fit`, or `vidssl "
+                    f"{stage}` a vidssl.evaluation.LinearProbe / FineTune model."
+                )
+
         def before_validate(self) -> None:
+            self._require_step("validate", "validation_step")
             self._early_setup("validate")
 
         def before_test(self) -> None:
+            self._require_step("test", "test_step")
             self._early_setup("test")
 
     _VidsslCLI.parser_class_for_vidssl = _Parser
@@ -481,28 +496,32 @@ def _add_check(p: argparse.ArgumentParser) -> None:
     p.add_argument("--format", default="auto",
                    choices=("auto", "class_folders", "folder", "csv", "ucf101", "hmdb51"))
     p.add_argument("--decode", action="store_true",
-                   help="also decode the first, middle and last frame of each video")
+                   help="also decode every frame and report decoder errors (damaged streams)")
     p.add_argument("--num-workers", type=int, default=4, help="probing threads (4)")
     p.add_argument("--json", metavar="FILE", help="write the findings as JSON")
 
 
 def _check_one(path: str, decode: bool) -> Dict[str, Any]:
-    from vidssl.data.decoding import PyAVDecoder
+    from vidssl.data.decoding import scan_video
     from vidssl.data.index import probe_video
 
     info = probe_video(path)
     row = {"path": path, "frames": info.num_frames, "inexact": bool(info.exact),
-           "error": info.error or ("no frames" if info.num_frames <= 0 else "")}
+           "error": info.error or ("no frames" if info.num_frames <= 0 else ""), "damaged": ""}
     if decode and not row["error"]:
-        n = info.num_frames
         try:
-            PyAVDecoder().read(path, sorted({0, n // 2, n - 1}))
+            frames, errors, messages = scan_video(path)
         except Exception as e:  # noqa: BLE001 - any decoder failure is a finding
             row["error"] = f"decoding failed: {type(e).__name__}: {e}"
+            return row
+        if errors:
+            row["damaged"] = f"{errors} decoder errors, first: {messages[0]}"
+        elif frames < info.num_frames:
+            row["damaged"] = f"only {frames} of {info.num_frames} frames decode"
     return row
 
 
-@_command("check-videos", "list unreadable videos and videos whose random access is inexact",
+@_command("check-videos", "list unreadable, damaged (--decode) and inexactly seekable videos",
           _add_check)
 def _run_check(a: argparse.Namespace) -> int:
     from concurrent.futures import ThreadPoolExecutor
@@ -520,17 +539,23 @@ def _run_check(a: argparse.Namespace) -> int:
         rows = list(tqdm(pool.map(lambda p: _check_one(p, a.decode), paths), total=len(paths),
                          desc="checking videos", unit="video"))
     bad = [r for r in rows if r["error"]]
+    damaged = [r for r in rows if r["damaged"]]
     inexact = [r for r in rows if r["inexact"] and not r["error"]]
-    print(f"{len(rows)} videos: {len(bad)} unreadable, {len(inexact)} with inexact random "
-          "access (B-frames without timestamps: decoded sequentially, slower; "
-          "`vidssl transcode` makes fast copies)")
+    print(f"{len(rows)} videos: {len(bad)} unreadable, "
+          + (f"{len(damaged)} damaged, " if a.decode else "")
+          + f"{len(inexact)} with inexact random access (B-frames without timestamps: decoded "
+          "sequentially, slower; `vidssl transcode` makes fast copies)")
+    if not a.decode:
+        print("(add --decode to decode every frame and find damaged streams)")
     for r in bad:
         print(f"unreadable  {r['path']}  ({r['error']})")
+    for r in damaged:
+        print(f"damaged     {r['path']}  ({r['damaged']})")
     for r in inexact:
         print(f"inexact     {r['path']}")
     if a.json:
         Path(a.json).write_text(json.dumps(rows, indent=1))
-    return 1 if bad else 0
+    return 1 if bad or damaged else 0
 
 
 # ---------------------------------------------------------------------------- transcode

@@ -18,6 +18,7 @@ __all__ = [
     "build_decoder",
     "resized_size",
     "decord_available",
+    "scan_video",
 ]
 
 DecodeBackend = Literal["decord", "pyav"]
@@ -74,6 +75,39 @@ def _gather(unique: np.ndarray, frames: np.ndarray, indices: np.ndarray) -> np.n
     if len(unique) == len(indices) and np.array_equal(unique, indices):
         return frames  # already in order: skip a copy of every frame
     return frames[np.searchsorted(unique, indices)]
+
+
+def scan_video(path: str, max_messages: int = 5) -> tuple[int, int, list[str]]:
+    """Decode every frame of ``path`` and report what the decoder complained about.
+
+    A stream can be damaged yet decode without an exception: FFmpeg conceals broken macroblocks
+    and only logs an error. PyAV (13 and later) silences FFmpeg's log by default, so this scan
+    raises the level to errors for its own thread while it decodes, and counts them.
+
+    Returns:
+        ``(frames, errors, messages)``: frames decoded, error messages logged by the demuxer and
+        decoder, and the first ``max_messages`` of them. Raises what PyAV raises on files it
+        cannot open or decode at all.
+    """
+    import av
+    import av.logging
+
+    level = av.logging.get_level()
+    if level is None or level < av.logging.ERROR:
+        av.logging.set_level(av.logging.ERROR)
+    frames = 0
+    try:
+        # local=True: only this thread's messages, so parallel scans do not mix their logs.
+        with av.logging.Capture(local=True) as logs:
+            with av.open(path) as container:
+                stream = container.streams.video[0]
+                stream.codec_context.thread_count = 1  # messages come from this thread
+                for _ in container.decode(stream):
+                    frames += 1
+    finally:
+        av.logging.set_level(level)
+    errors = [f"{name}: {msg.strip()}" for lvl, name, msg in logs if lvl <= av.logging.ERROR]
+    return frames, len(errors), errors[:max_messages]
 
 
 class PyAVDecoder:

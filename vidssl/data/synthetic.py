@@ -1,18 +1,30 @@
 """A small synthetic video collection whose classes differ by motion, not by appearance.
 
 Written with PyAV in the official UCF101 (or HMDB51) layout, for tests, the demo and smoke runs.
+
+Two appearance settings (``write_synthetic_dataset(appearance=...)``):
+
+- ``"per_video"``: every video draws its own texture, background, blob size and position. Two
+  clips of one video then share their appearance, which no other video has, so instance
+  discrimination (SimCLR, MoCo) is solved by appearance alone and learns nothing about motion:
+  measured in docs/benchmarks.md, short pretraining does not beat a random backbone there.
+- ``"shared"``: one texture, background and blob size for the whole collection; videos differ
+  only by motion (the class), speed and start position. The only way to tell two videos apart is
+  how they move, so a few minutes of self-supervised pretraining learns motion features.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal, Optional, Sequence, Tuple
 
 import numpy as np
 
 __all__ = [
     "MOTIONS",
+    "Appearance",
+    "draw_appearance",
     "render_video",
     "numbered_frames",
     "read_frame_numbers",
@@ -43,30 +55,44 @@ def _texture(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(tex, 0, 255).astype(np.uint8)
 
 
+#: What a video looks like: the blob's texture (``S x S x 3`` uint8) and the background colour.
+Appearance = Tuple[np.ndarray, np.ndarray]
+
+
+def draw_appearance(rng: np.random.Generator, width: int = 64, height: int = 48) -> Appearance:
+    """Draw a texture (side 35-50 % of the short side) and a background colour."""
+    size = max(8, int(min(width, height) * rng.uniform(0.35, 0.5)))
+    tex = _texture(rng, size)
+    return tex, rng.integers(0, 256, size=3).astype(np.uint8)
+
+
 def render_video(
     motion: str,
     rng: np.random.Generator,
     num_frames: int = 32,
     width: int = 64,
     height: int = 48,
+    appearance: Optional[Appearance] = None,
 ) -> np.ndarray:
     """Render one video of a textured blob performing ``motion``.
 
     Args:
         motion: one of :data:`MOTIONS`.
-        rng: the random generator that draws the appearance and the motion speed.
+        rng: the random generator that draws the motion speed and start position, and the
+            appearance when ``appearance`` is ``None``.
         num_frames: ``T``.
         width: ``W`` in pixels.
         height: ``H`` in pixels.
+        appearance: a fixed texture and background (:func:`draw_appearance`) instead of a new
+            one drawn from ``rng``.
 
     Returns:
         uint8 array ``T x H x W x 3``.
     """
     if motion not in MOTIONS:
         raise ValueError(f"Unknown motion {motion!r}; choose one of {', '.join(MOTIONS)}.")
-    size = max(8, int(min(width, height) * rng.uniform(0.35, 0.5)))
-    tex = _texture(rng, size)
-    background = rng.integers(0, 256, size=3).astype(np.uint8)
+    tex, background = appearance if appearance is not None else draw_appearance(rng, width, height)
+    size = tex.shape[0]
     speed = rng.uniform(0.6, 1.0)  # pixels (or fraction of a turn / zoom) per frame, scaled below
     cx0 = rng.uniform(0.35, 0.65) * width
     cy0 = rng.uniform(0.35, 0.65) * height
@@ -176,6 +202,7 @@ def write_synthetic_dataset(
     max_b_frames: int = 0,
     test_fraction: float = 0.3,
     classes: Sequence[str] | None = None,
+    appearance: Literal["per_video", "shared"] = "per_video",
 ) -> Path:
     """Write a labelled synthetic collection in an official dataset layout.
 
@@ -200,6 +227,9 @@ def write_synthetic_dataset(
         max_b_frames: B-frames between references (``2`` makes decord's seeking unreliable).
         test_fraction: share of each class's videos put in the test list.
         classes: motion names to use instead of the first ``num_classes`` of :data:`MOTIONS`.
+        appearance: ``"per_video"`` (each video its own texture and background) or ``"shared"``
+            (one for the whole collection, so only motion tells videos apart; see the module
+            docstring for why self-supervised pretraining needs it).
 
     Returns:
         The video root (``root/UCF-101`` or ``root/hmdb51``); its parent holds the split files.
@@ -211,9 +241,16 @@ def write_synthetic_dataset(
         )
     if width % 2 or height % 2:
         raise ValueError(f"width and height must be even for yuv420p, got {width}x{height}.")
+    if appearance not in ("per_video", "shared"):
+        raise ValueError(f"appearance must be 'per_video' or 'shared', got {appearance!r}.")
     root = Path(root)
     video_root = root / ("UCF-101" if layout == "ucf101" else "hmdb51")
     rng = np.random.default_rng(seed)
+    shared = (
+        draw_appearance(np.random.default_rng([seed, 1]), width, height)
+        if appearance == "shared"
+        else None
+    )
     n_test = max(1, int(round(videos_per_class * test_fraction)))
     train_lines, test_lines = [], []
     for label, name in enumerate(names):
@@ -221,7 +258,8 @@ def write_synthetic_dataset(
         folder.mkdir(parents=True, exist_ok=True)
         hmdb_lines = []
         for k in range(videos_per_class):
-            frames = render_video(name, rng, num_frames=num_frames, width=width, height=height)
+            frames = render_video(name, rng, num_frames=num_frames, width=width, height=height,
+                                  appearance=shared)
             if layout == "ucf101":
                 # Two clips per group, so a group never spans both lists.
                 fname = f"v_{name}_g{k // 2 + 1:02d}_c{k % 2 + 1:02d}.avi"
