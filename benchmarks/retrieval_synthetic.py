@@ -52,6 +52,13 @@ def _optim(args) -> dict:
     return dict(optimizer=args.optimizer, lr=args.lr, weight_decay=1e-4, lr_schedule="cosine")
 
 
+def _pseudo_labels(args) -> PseudoLabels:
+    # Before --start-epoch there are no labels: every video is its own class (instance
+    # discrimination), and the first clustering uses the network trained that way.
+    return PseudoLabels(every_n_epochs=args.every, start_epoch=args.start_epoch,
+                        p_same=args.p_same, seed=args.seed)  # fmt: skip
+
+
 def _build(name: str, args):
     """Return (method, callbacks, data module settings) of a method name."""
     if name == "random":
@@ -66,15 +73,13 @@ def _build(name: str, args):
         return method, [], {}
     if name == "slic":
         method = ClusterTriplet(**_optim(args), **_backbone(args))
-        cb = PseudoLabels(every_n_epochs=args.every, p_same=args.p_same, seed=args.seed)
-        return method, [cb], {"num_views": 3, "repeat_anchor": True}
+        return method, [_pseudo_labels(args)], {"num_views": 3, "repeat_anchor": True}
     if name == "cluster_contrast":
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
         method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
                                  **_optim(args), **_backbone(args))  # fmt: skip
-        cb = PseudoLabels(every_n_epochs=args.every, p_same=args.p_same, seed=args.seed)
-        return method, [cb], {}
+        return method, [_pseudo_labels(args)], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast")
 
 
@@ -116,6 +121,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--every", type=int, default=5, help="re-clustering period (epochs)")
+    ap.add_argument("--start-epoch", type=int, default=0, help="first re-clustering epoch")
     ap.add_argument("--p-same", type=float, default=0.2, help="same-video positive probability")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                     help="adamw (lr --lr, cosine) for every method, or sgd: each its own default")
@@ -138,8 +144,8 @@ def main() -> None:
           f"{args.frames} frames {args.size}x{args.size}, {args.appearance} appearance; "
           f"{args.backbone} width {args.width}, clips {args.clip_len} x "
           f"{args.crop}px, batch {args.batch}, {args.epochs} epochs, re-clustering every "
-          f"{args.every} epochs, p_same {args.p_same}, {args.optimizer} lr {args.lr}, eval "
-          f"{args.num_clips} clips", flush=True)
+          f"{args.every} epochs from epoch {args.start_epoch}, p_same {args.p_same}, "
+          f"{args.optimizer} lr {args.lr}, eval {args.num_clips} clips", flush=True)
 
     rows, histories = [], {}
     for name in ["random"] + args.methods:

@@ -63,7 +63,9 @@ def test_demo_writes_everything_it_announces(tmp_path):
 
     out = run_demo(DemoSettings(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
                                 epochs=2, videos_per_class=4, width_mult=0.0625,
-                                num_workers=0, recluster_every=1))
+                                num_workers=0, recluster_every=1, cluster_start_epoch=0,
+                                monitor_every=1,
+                                batch_size=8))
     res = tmp_path / "out"
     for name in ("retrieval.txt", "retrieval_examples.png", "training_curves.png",
                  "model.ckpt", "history.json"):

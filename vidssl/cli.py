@@ -601,6 +601,7 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--videos-per-class", type=int, default=d.videos_per_class)
     p.add_argument("--width-mult", type=float, default=d.width_mult)
     p.add_argument("--num-workers", type=int, default=d.num_workers)
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the videos and the training")
 
 
 @_command("demo", "pretrain on synthetic videos, evaluate, plot, index (CPU, a few minutes)",
@@ -610,7 +611,7 @@ def _run_demo(a: argparse.Namespace) -> int:
 
     run_demo(DemoSettings(out_dir=a.output, cache_dir=a.cache_dir, method=a.method,
                           epochs=a.epochs, videos_per_class=a.videos_per_class,
-                          width_mult=a.width_mult, num_workers=a.num_workers))
+                          width_mult=a.width_mult, num_workers=a.num_workers, seed=a.seed))
     return 0
 
 
