@@ -78,7 +78,8 @@ def _build(name: str, args):
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
         method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
-                                 **_optim(args), **_backbone(args))  # fmt: skip
+                                 hard_fraction=args.hard_fraction, **_optim(args),
+                                 **_backbone(args))  # fmt: skip
         return method, [_pseudo_labels(args)], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast")
 
@@ -127,6 +128,8 @@ def main() -> None:
                     help="adamw (lr --lr, cosine) for every method, or sgd: each its own default")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     ap.add_argument("--ema", type=float, default=0.9, help="MoCo, ClusterContrast key momentum")
+    ap.add_argument("--hard-fraction", type=float, default=0.05,
+                    help="ClusterContrast: share of negatives kept (Cai et al.: 0.05)")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0)

@@ -4,10 +4,11 @@ Written with PyAV in the official UCF101 (or HMDB51) layout, for tests, the demo
 
 Two appearance settings (``write_synthetic_dataset(appearance=...)``):
 
-- ``"per_video"``: every video draws its own texture, background, blob size and position. Two
+- ``"per_video"``: every video draws its own texture, background colour and blob size. Two
   clips of one video then share their appearance, which no other video has, so instance
   discrimination (SimCLR, MoCo) is solved by appearance alone and learns nothing about motion:
-  measured in docs/benchmarks.md, short pretraining does not beat a random backbone there.
+  measured in docs/data.md ("Synthetic data"), short pretraining does not beat a random backbone
+  there.
 - ``"shared"``: one texture, background and blob size for the whole collection; videos differ
   only by motion (the class), speed and start position. The only way to tell two videos apart is
   how they move, so a few minutes of self-supervised pretraining learns motion features.
