@@ -69,7 +69,7 @@ def _build(name: str, args):
         # As for ClusterContrast below: --ema instead of 0.999 for a short run, and a queue of
         # two batches (a multiple of the batch, as MoCo requires).
         method = MoCo(version=2, queue_size=2 * args.batch, ema_momentum=args.ema,
-                      **_optim(args), **_backbone(args))  # fmt: skip
+                      bn_splits=args.bn_splits, **_optim(args), **_backbone(args))  # fmt: skip
         return method, [], {}
     if name == "slic":
         method = ClusterTriplet(**_optim(args), **_backbone(args))
@@ -78,8 +78,8 @@ def _build(name: str, args):
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
         method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
-                                 hard_fraction=args.hard_fraction, **_optim(args),
-                                 **_backbone(args))  # fmt: skip
+                                 hard_fraction=args.hard_fraction, bn_splits=args.bn_splits,
+                                 **_optim(args), **_backbone(args))  # fmt: skip
         return method, [_pseudo_labels(args)], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast")
 
@@ -128,23 +128,28 @@ def main() -> None:
                     help="adamw (lr --lr, cosine) for every method, or sgd: each its own default")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     ap.add_argument("--ema", type=float, default=0.9, help="MoCo, ClusterContrast key momentum")
+    ap.add_argument("--bn-splits", type=int, default=2,
+                    help="MoCo, ClusterContrast: BN groups on one device (1: whole batch)")
     ap.add_argument("--hard-fraction", type=float, default=0.05,
                     help="ClusterContrast: share of negatives kept (Cai et al.: 0.05)")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
     ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="initial weights and sampling")
+    ap.add_argument("--data-seed", type=int, default=0,
+                    help="the collection's seed: keep it fixed to compare --seed values")
     args = ap.parse_args()
 
     root = args.root or tempfile.mkdtemp(prefix="vidssl_synth_")
     if not os.path.isdir(os.path.join(root, "ucfTrainTestlist")):
         write_synthetic_dataset(root, num_classes=args.classes,
                                 videos_per_class=args.videos_per_class,
-                                num_frames=args.frames, seed=args.seed, width=args.size,
+                                num_frames=args.frames, seed=args.data_seed, width=args.size,
                                 height=args.size, appearance=args.appearance)  # fmt: skip
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, no GPU used; torch "
           f"{torch.__version__}; load average {os.getloadavg()}")  # fmt: skip
     print(f"collection: {args.classes} motion classes x {args.videos_per_class} videos of "
-          f"{args.frames} frames {args.size}x{args.size}, {args.appearance} appearance; "
+          f"{args.frames} frames {args.size}x{args.size}, {args.appearance} appearance, "
+          f"collection seed {args.data_seed}, seed {args.seed}; "
           f"{args.backbone} width {args.width}, clips {args.clip_len} x "
           f"{args.crop}px, batch {args.batch}, {args.epochs} epochs, re-clustering every "
           f"{args.every} epochs from epoch {args.start_epoch}, p_same {args.p_same}, "

@@ -88,7 +88,8 @@ def test_positive_view_is_the_hook_for_other_modalities():
 
 def test_cluster_contrast_loss_matches_masks_by_hand():
     torch.manual_seed(0)
-    m = ClusterContrast(backbone="r3d_18", backbone_kwargs=TINY, queue_size=0, hard_fraction=0.5)
+    m = ClusterContrast(backbone="r3d_18", backbone_kwargs=TINY, queue_size=0, hard_fraction=0.5,
+                       bn_splits=1)  # whole-batch BN: the reference encodes the batch at once
     pseudo = torch.tensor([0, 0, 1, 1, 2, 2])
     m.set_pseudo_labels(pseudo)
     batch = _batch()

@@ -71,6 +71,8 @@ def test_demo_writes_everything_it_announces(tmp_path):
                  "model.ckpt", "history.json"):
         assert (res / name).stat().st_size > 0, name
     assert set(out["results"]) == {"ClusterTriplet (2 epochs)", "random init"}
-    assert [r["epoch"] for r in out["history"]] == [0, 1]
-    assert all("R@1" in r and "NMI" in r for r in out["history"])
+    # epoch -1: the starting weights (0 epochs trained), measured as the later points are
+    assert [r["epoch"] for r in out["history"]] == [-1, 0, 1]
+    assert set(out["history"][0]) == {"epoch", "R@1"}
+    assert all("R@1" in r and "NMI" in r for r in out["history"][1:])
     assert len(SearchIndex.load(res / "index")) == 24

@@ -156,6 +156,43 @@ def test_moco_key_encoder_follows_by_ema_after_each_step():
     assert not any(p.requires_grad for p in m.key_backbone.parameters())
 
 
+def test_moco_split_bn_on_one_device_keeps_query_and_key_statistics_apart():
+    torch.manual_seed(0)
+    m = MoCo(queue_size=16, bn_splits=2, **TINY).train()
+    x = _batch(b=8)["views"][0]
+
+    def enc(backbone, head, clips):
+        return head(backbone(clips))
+
+    # queries: BN over each half of the batch, in order (MoCo's one-GPU SplitBatchNorm) ...
+    with torch.no_grad():
+        q = m._queries(x)
+        halves = torch.cat([enc(m.backbone, m.projection, h) for h in (x[:4], x[4:])])
+        whole = enc(m.backbone, m.projection, x)
+    torch.testing.assert_close(q, halves)
+    assert not torch.allclose(q, whole, atol=1e-4)  # one BN over 8 samples differs
+    # ... keys: the batch shuffled by a permutation drawn from the step number, split the same
+    # way, then put back in order: each key is normalised with a group of other samples.
+    perm = torch.randperm(8, generator=torch.Generator().manual_seed(int(m.global_step)))
+    with torch.no_grad():
+        shuffled = torch.cat(
+            [enc(m.key_backbone, m.key_projection, x[perm][:4]),
+             enc(m.key_backbone, m.key_projection, x[perm][4:])]
+        )  # fmt: skip
+    expected = nn.functional.normalize(shuffled, dim=1)[torch.argsort(perm)]
+    torch.testing.assert_close(m._keys(x), expected)
+    torch.testing.assert_close(m._keys(x), expected)  # same step, same shuffle (resume-safe)
+    assert not set(perm[:4].tolist()) == {0, 1, 2, 3}  # this seed's key groups mix the halves
+    # bn_splits=1, or groups that would hold a single sample: the whole batch at once
+    m1 = MoCo(queue_size=16, bn_splits=1, **TINY).train()
+    m1.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(m1._queries(x), whole)
+        torch.testing.assert_close(m._queries(x[:3]), enc(m.backbone, m.projection, x[:3]))
+    with pytest.raises(ValueError, match="bn_splits"):
+        MoCo(bn_splits=0, **TINY)
+
+
 def test_warmup_cosine_values():
     assert warmup_cosine(0, 4, 20) == pytest.approx(0.25)
     assert warmup_cosine(3, 4, 20) == pytest.approx(1.0)

@@ -1,5 +1,7 @@
 """Retrieval protocol: R@k against brute force, multi-clip features, the online monitor."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -128,7 +130,7 @@ def test_evaluate_retrieval_on_videos(tiny_video_root, capsys):
 @pytest.mark.slow
 def test_retrieval_monitor_logs(tiny_video_root):
     dm = _datamodule(tiny_video_root)
-    monitor = RetrievalMonitor(every_n_epochs=1, ks=(1, 5))
+    monitor = RetrievalMonitor(every_n_epochs=1, ks=(1, 5), at_start=True)
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu",
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -139,3 +141,24 @@ def test_retrieval_monitor_logs(tiny_video_root):
     for k in (1, 5):
         assert trainer.callback_metrics[f"val/R@{k}"].item() == pytest.approx(monitor.last[k])
     assert 0.0 <= monitor.last[1] <= monitor.last[5] <= 1.0
+    # at_start: the starting weights under the same protocol, measured before any step
+    model = _tiny()
+    dm.setup("fit")
+    single = SimpleNamespace(datamodule=dm, global_rank=0, world_size=1)  # what compute reads
+    rng = torch.get_rng_state()
+    start = RetrievalMonitor(ks=(1, 5)).compute(single, model)
+    # a monitor leaves the random stream as it found it (DataLoaders draw their seeds from it)
+    assert torch.equal(torch.get_rng_state(), rng)
+    monitor2 = RetrievalMonitor(every_n_epochs=1, ks=(1, 5), at_start=True)
+    steps_seen = []
+    compute = monitor2.compute
+    monitor2.compute = lambda t, m: steps_seen.append(t.global_step) or compute(t, m)
+    trainer2 = pl.Trainer(
+        max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu",
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[monitor2],
+    )  # fmt: skip
+    trainer2.fit(model, datamodule=dm)
+    assert steps_seen == [0, 1]  # once before the first step, once after the epoch
+    assert monitor2.initial == start
+    assert trainer2.callback_metrics["val/R@1_start"].item() == pytest.approx(start[1])

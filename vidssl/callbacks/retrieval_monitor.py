@@ -69,6 +69,9 @@ class RetrievalMonitor(pl.Callback):
         ks: which R@k to log (as ``val/R@k``).
         center: mean-centre the features (CoCLR).
         prefix: metric name prefix.
+        at_start: also measure once before the first training step (not on resume), kept in
+            ``initial`` and logged as ``{prefix}R@k_start``: the starting point of the curve
+            under the same protocol.
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class RetrievalMonitor(pl.Callback):
         ks: Sequence[int] = (1, 5),
         center: bool = False,
         prefix: str = "val/",
+        at_start: bool = False,
     ):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -84,6 +88,8 @@ class RetrievalMonitor(pl.Callback):
         self.ks = tuple(ks)
         self.center = center
         self.prefix = prefix
+        self.at_start = at_start
+        self.initial: Optional[dict] = None
         self.last: Optional[dict] = None
         self._warned = False
 
@@ -109,12 +115,20 @@ class RetrievalMonitor(pl.Callback):
 
     @torch.no_grad()
     def compute(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict:
-        """Embed val and train videos and return ``{k: R@k}`` (an empty dict when skipped)."""
+        """Embed val and train videos and return ``{k: R@k}`` (an empty dict when skipped).
+
+        The random number generators are restored afterwards: every DataLoader iterator draws
+        its seed from torch's global generator, and a monitor must not change the run it
+        watches (with or without it, training sees the same random draws).
+        """
         loaders = self._loaders(trainer)
         if loaders is None:
             return {}
-        query, gallery, dm = loaders
+        device = pl_module.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            return self._recall(pl_module, *loaders)
 
+    def _recall(self, pl_module: pl.LightningModule, query: Any, gallery: Any, dm: Any) -> dict:
         def augment(batch):
             return dm.augment(batch, train=False)
 
@@ -124,6 +138,16 @@ class RetrievalMonitor(pl.Callback):
         g, gl = _gather_unique(g, gl, gi, pl_module.device)
         return recall_at_k(q.float().numpy(), ql.numpy(), g.float().numpy(), gl.numpy(),
                            ks=self.ks, center=self.center)  # fmt: skip
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """With ``at_start``, measure the starting weights (a fresh run only)."""
+        if not self.at_start or trainer.global_step > 0:
+            return
+        recall = self.compute(trainer, pl_module)
+        if recall:
+            self.initial = recall
+            for k, v in recall.items():
+                pl_module.log(f"{self.prefix}R@{k}_start", v, on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute and log R@k when the epoch is due."""

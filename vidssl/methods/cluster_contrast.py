@@ -22,7 +22,7 @@ class ClusterContrast(MoCo):
     """Contrastive learning whose positives are the anchor's pseudo-class (cluster-guided).
 
     Queries are the online projections of view 0 (the anchor). Keys come from the momentum
-    encoder (MoCo v2's, with shuffle-BN under DDP): the keys of view 1 of the whole global batch
+    encoder (MoCo v2's, with shuffle-BN; see ``MoCo``): the keys of view 1 of the whole global batch
     (view 1 is the sampler's positive: another clip of the anchor, or another video of its
     cluster) followed by a queue of ``queue_size`` earlier keys. The queue stores each key's
     dataset index, so its pseudo-labels are read from the current labels and change with every
@@ -85,6 +85,7 @@ class ClusterContrast(MoCo):
         queue_size: int = 4096,
         temperature: float = 0.2,
         shuffle_bn: bool = True,
+        bn_splits: int = 2,
         ema_momentum: float = 0.999,
         proj_hidden_dim: Optional[int] = None,
         proj_output_dim: int = 128,
@@ -110,6 +111,7 @@ class ClusterContrast(MoCo):
             temperature=temperature,
             queue_size=max(queue_size, 1),  # MoCo needs a positive size; 0 is handled here
             shuffle_bn=shuffle_bn,
+            bn_splits=bn_splits,
             ema_momentum=ema_momentum,
             proj_hidden_dim=proj_hidden_dim,
             proj_output_dim=proj_output_dim,
@@ -147,7 +149,7 @@ class ClusterContrast(MoCo):
         """Pseudo-class positives against the hardest other-class keys (batch + queue)."""
         index = batch["index"]
         positive_index = batch.get("positive_index", index)
-        q = self.projection(self.backbone(batch["views"][0]))
+        q = self._queries(batch["views"][0])
         k = self._keys(batch["views"][1])
         keys_batch = vdist.all_gather(k)
         index_batch = vdist.all_gather(positive_index.long())
