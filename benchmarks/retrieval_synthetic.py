@@ -13,6 +13,10 @@ re-clustering the PseudoLabels callback made.
 
     .venv/bin/python benchmarks/retrieval_synthetic.py
     .venv/bin/python benchmarks/retrieval_synthetic.py --epochs 30 --every 5
+    .venv/bin/python benchmarks/retrieval_synthetic.py --methods simclr+slic --start-epoch 20
+
+``A+B`` trains A for ``--start-epoch`` epochs, then B from A's backbone for the remaining
+epochs, clustering from B's first epoch: pseudo-labels from a pretrained network.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import platform
 import tempfile
 import time
 import warnings
+from typing import Optional
 
 import pytorch_lightning as pl
 import torch
@@ -52,14 +57,15 @@ def _optim(args) -> dict:
     return dict(optimizer=args.optimizer, lr=args.lr, weight_decay=1e-4, lr_schedule="cosine")
 
 
-def _pseudo_labels(args) -> PseudoLabels:
+def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabels:
     # Before --start-epoch there are no labels: every video is its own class (instance
     # discrimination), and the first clustering uses the network trained that way.
-    return PseudoLabels(every_n_epochs=args.every, start_epoch=args.start_epoch,
-                        p_same=args.p_same, seed=args.seed)  # fmt: skip
+    start = args.start_epoch if start_epoch is None else start_epoch
+    return PseudoLabels(every_n_epochs=args.every, start_epoch=start,
+                        p_same=args.p_same, seed=args.seed, **kw)  # fmt: skip
 
 
-def _build(name: str, args):
+def _build(name: str, args, start_epoch: Optional[int] = None):
     """Return (method, callbacks, data module settings) of a method name."""
     if name == "random":
         return SimCLR(**_backbone(args)), [], {}
@@ -73,15 +79,30 @@ def _build(name: str, args):
         return method, [], {}
     if name == "slic":
         method = ClusterTriplet(**_optim(args), **_backbone(args))
-        return method, [_pseudo_labels(args)], {"num_views": 3, "repeat_anchor": True}
+        labels = _pseudo_labels(args, start_epoch)
+        return method, [labels], {"num_views": 3, "repeat_anchor": True}
     if name == "cluster_contrast":
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
         method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
                                  hard_fraction=args.hard_fraction, bn_splits=args.bn_splits,
                                  **_optim(args), **_backbone(args))  # fmt: skip
-        return method, [_pseudo_labels(args)], {}
-    raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast")
+        labels = _pseudo_labels(args, start_epoch, cluster_fraction=args.cluster_fraction)
+        return method, [labels], {}
+    raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast, "
+                     "or A+B (A for --start-epoch epochs, then B from its backbone)")
+
+
+def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
+    """Train ``method`` for ``epochs`` epochs on the CPU; return the minutes it took."""
+    trainer = pl.Trainer(
+        max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        callbacks=callbacks,
+    )  # fmt: skip
+    start = time.perf_counter()
+    trainer.fit(method, datamodule=dm)
+    return (time.perf_counter() - start) / 60
 
 
 def _datamodule(root: str, args, **kw) -> VideoDataModule:
@@ -130,6 +151,8 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.9, help="MoCo, ClusterContrast key momentum")
     ap.add_argument("--bn-splits", type=int, default=2,
                     help="MoCo, ClusterContrast: BN groups on one device (1: whole batch)")
+    ap.add_argument("--cluster-fraction", type=float, default=None,
+                    help="ClusterContrast: clusters as a share of N (default: its own, 0.1)")
     ap.add_argument("--hard-fraction", type=float, default=0.05,
                     help="ClusterContrast: share of negatives kept (Cai et al.: 0.05)")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
@@ -157,20 +180,26 @@ def main() -> None:
 
     rows, histories = [], {}
     for name in ["random"] + args.methods:
+        # "simclr+slic": SimCLR for --start-epoch epochs, then SLIC from those backbone weights
+        # for the rest, clustering from its first epoch (pseudo-labels from a pretrained network).
+        first, _, second = name.rpartition("+")
         # The same seed before building: every method starts from the same backbone weights.
         pl.seed_everything(args.seed, verbose=False)
-        method, callbacks, dm_kw = _build(name, args)
-        dm = _datamodule(root, args, **dm_kw)
+        # After a pretraining stage, clustering starts at once (pseudo-labels from its weights).
+        method, callbacks, dm_kw = _build(second, args, start_epoch=0 if first else None)
         minutes = 0.0
         if name != "random":
-            trainer = pl.Trainer(
-                max_epochs=args.epochs, accelerator="cpu", logger=False,
-                enable_checkpointing=False, enable_progress_bar=False,
-                enable_model_summary=False, limit_val_batches=0, callbacks=callbacks,
-            )  # fmt: skip
-            start = time.perf_counter()
-            trainer.fit(method, datamodule=dm)
-            minutes = (time.perf_counter() - start) / 60
+            epochs = args.epochs
+            if first:
+                pretrained, _, _ = _build(first, args)
+                pretrained.backbone.load_state_dict(method.backbone.state_dict())
+                minutes += _fit(pretrained, [], _datamodule(root, args), args.start_epoch)
+                method.backbone.load_state_dict(pretrained.backbone.state_dict())
+                for online, momentum in method.momentum_pairs():
+                    if online is method.backbone:  # a key encoder starts as its query encoder
+                        momentum.load_state_dict(online.state_dict())
+                epochs -= args.start_epoch
+            minutes += _fit(method, callbacks, _datamodule(root, args, **dm_kw), epochs)
         res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips)
         rows.append((name, minutes, res))
         for cb in callbacks:
