@@ -182,7 +182,7 @@ def test_moco_split_bn_on_one_device_keeps_query_and_key_statistics_apart():
     expected = nn.functional.normalize(shuffled, dim=1)[torch.argsort(perm)]
     torch.testing.assert_close(m._keys(x), expected)
     torch.testing.assert_close(m._keys(x), expected)  # same step, same shuffle (resume-safe)
-    assert not set(perm[:4].tolist()) == {0, 1, 2, 3}  # this seed's key groups mix the halves
+    assert set(perm[:4].tolist()) != {0, 1, 2, 3}  # this seed's key groups mix the halves
     # bn_splits=1, or groups that would hold a single sample: the whole batch at once
     m1 = MoCo(queue_size=16, bn_splits=1, **TINY).train()
     m1.load_state_dict(m.state_dict())
