@@ -87,7 +87,11 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
                                  hard_fraction=args.hard_fraction, bn_splits=args.bn_splits,
                                  **_optim(args), **_backbone(args))  # fmt: skip
-        labels = _pseudo_labels(args, start_epoch, cluster_fraction=args.cluster_fraction)
+        # --cc-clustering finch: FINCH's finest partition (SLIC's labels) instead of the default
+        # agglomerative N / 10, to separate the clustering from the loss.
+        clustering = {"method": "finch", "level": 0} if args.cc_clustering == "finch" else {}
+        labels = _pseudo_labels(args, start_epoch, cluster_fraction=args.cluster_fraction,
+                                **clustering)  # fmt: skip
         return method, [labels], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast, "
                      "or A+B (A for --start-epoch epochs, then B from its backbone)")
@@ -153,6 +157,8 @@ def main() -> None:
                     help="MoCo, ClusterContrast: BN groups on one device (1: whole batch)")
     ap.add_argument("--cluster-fraction", type=float, default=None,
                     help="ClusterContrast: clusters as a share of N (default: its own, 0.1)")
+    ap.add_argument("--cc-clustering", choices=("default", "finch"), default="default",
+                    help="ClusterContrast: its agglomerative default, or FINCH's finest level")
     ap.add_argument("--hard-fraction", type=float, default=0.05,
                     help="ClusterContrast: share of negatives kept (Cai et al.: 0.05)")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")

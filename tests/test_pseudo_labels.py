@@ -199,6 +199,26 @@ def test_schedule_uses_method_defaults_then_arguments():
     assert cb.setting("features", m) == "backbone"
 
 
+def test_method_specific_defaults_follow_only_their_own_clustering_method():
+    from vidssl.methods import ClusterContrast
+
+    m = ClusterContrast(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16}, queue_size=8)
+    feats = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
+    # its own method: agglomerative, N / 10 clusters, average linkage
+    labels, diag = PseudoLabels().cluster(feats, m)
+    assert diag["method"] == "agglomerative" and labels.max() + 1 == 6
+    assert PseudoLabels(method="agglomerative").setting("cluster_fraction", m) == 0.1
+    # another method: none of the agglomerative settings leak into it (linkage used to reach
+    # finch() as an unknown argument, and N / 10 became FINCH's req_clust)
+    cb = PseudoLabels(method="finch")
+    assert cb.setting("cluster_fraction", m) is None and cb.setting("level", m) == 0
+    labels, diag = cb.cluster(feats, m)
+    finest = clustering.cluster(feats, "finch").labels
+    assert diag["method"] == "finch" and np.array_equal(labels, finest)
+    # schedule and feature defaults are not method-specific: they still come from the model
+    assert cb.setting("features", m) == "backbone"
+
+
 # -- single device ------------------------------------------------------------------------------
 
 

@@ -196,11 +196,27 @@ class PseudoLabels(pl.Callback):
         cluster_fraction=None,
     )
 
+    # Defaults that belong to one clustering method (ClusterContrast's N / 10 clusters and
+    # average linkage are agglomerative settings): a model's values for these apply only when
+    # the callback clusters with that model's own method.
+    _METHOD_SPECIFIC = ("level", "cluster_fraction")
+
+    def _model_defaults(self, pl_module: Optional[pl.LightningModule]) -> Dict[str, Any]:
+        defaults = dict(getattr(pl_module, "pseudo_label_defaults", {}) or {})
+        if self._args["method"] is not None and self._args["method"] != defaults.get("method"):
+            for name in self._METHOD_SPECIFIC + ("clustering_kwargs",):
+                defaults.pop(name, None)
+        return defaults
+
     def setting(self, name: str, pl_module: Optional[pl.LightningModule] = None) -> Any:
-        """Return setting ``name``: the argument, else the method default, else the fallback."""
+        """Return setting ``name``: the argument, else the method default, else the fallback.
+
+        A method's ``level``, ``cluster_fraction`` and ``clustering_kwargs`` defaults are
+        skipped when ``method`` names another clustering method than the model's default.
+        """
         value = self._args[name]
         if value is None and pl_module is not None:
-            value = getattr(pl_module, "pseudo_label_defaults", {}).get(name)
+            value = self._model_defaults(pl_module).get(name)
         return self._FALLBACK.get(name) if value is None else value
 
     def is_due(self, epoch: int, pl_module: Optional[pl.LightningModule] = None) -> bool:
@@ -351,7 +367,7 @@ class PseudoLabels(pl.Callback):
     ) -> Tuple[np.ndarray, Dict[str, Any]]:
         """Cluster ``N x D`` features with the configured method; ``(labels, diagnostics)``."""
         method = self.setting("method", pl_module)
-        kwargs = dict(getattr(pl_module, "pseudo_label_defaults", {}).get("clustering_kwargs", {}))
+        kwargs = dict(self._model_defaults(pl_module).get("clustering_kwargs", {}))
         kwargs.update(self.clustering_kwargs)
         num_clusters = self.num_clusters
         fraction = self.setting("cluster_fraction", pl_module)
