@@ -205,6 +205,7 @@ def _ddp_worker(rank, world, port, x, queue):
     try:
         res = finch(x, device="cpu", distributed=True, chunk_size=128)
         queue.put((rank, res.partitions))
+        dist.barrier()  # leave together (see tests/test_ddp_methods.py)
     finally:
         dist.destroy_process_group()
 

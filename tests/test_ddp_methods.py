@@ -29,6 +29,9 @@ def _worker(rank, tmp):
         "moco": _moco(rank),
     }
     torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
+    # Both ranks leave together: gloo aborts a rank ("terminate called without an active
+    # exception") when its peer tears the group down while it is still communicating.
+    dist.barrier()
     dist.destroy_process_group()
 
 
