@@ -201,9 +201,8 @@ def main() -> None:
                 pretrained.backbone.load_state_dict(method.backbone.state_dict())
                 minutes += _fit(pretrained, [], _datamodule(root, args), args.start_epoch)
                 method.backbone.load_state_dict(pretrained.backbone.state_dict())
-                for online, momentum in method.momentum_pairs():
-                    if online is method.backbone:  # a key encoder starts as its query encoder
-                        momentum.load_state_dict(online.state_dict())
+                for online, momentum in method.momentum_pairs():  # keys start as the queries
+                    momentum.load_state_dict(online.state_dict())
                 epochs -= args.start_epoch
             minutes += _fit(method, callbacks, _datamodule(root, args, **dm_kw), epochs)
         res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips)

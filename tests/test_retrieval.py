@@ -130,7 +130,7 @@ def test_evaluate_retrieval_on_videos(tiny_video_root, capsys):
 @pytest.mark.slow
 def test_retrieval_monitor_logs(tiny_video_root):
     dm = _datamodule(tiny_video_root)
-    monitor = RetrievalMonitor(every_n_epochs=1, ks=(1, 5), at_start=True)
+    monitor = RetrievalMonitor(every_n_epochs=1, ks=(1, 5))
     trainer = pl.Trainer(
         max_epochs=1, limit_train_batches=1, limit_val_batches=0, accelerator="cpu",
         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -199,12 +199,12 @@ class PseudoLabels(pl.Callback):
     # Defaults that belong to one clustering method (ClusterContrast's N / 10 clusters and
     # average linkage are agglomerative settings): a model's values for these apply only when
     # the callback clusters with that model's own method.
-    _METHOD_SPECIFIC = ("level", "cluster_fraction")
+    _METHOD_SPECIFIC = ("level", "cluster_fraction", "clustering_kwargs")
 
     def _model_defaults(self, pl_module: Optional[pl.LightningModule]) -> Dict[str, Any]:
         defaults = dict(getattr(pl_module, "pseudo_label_defaults", {}) or {})
         if self._args["method"] is not None and self._args["method"] != defaults.get("method"):
-            for name in self._METHOD_SPECIFIC + ("clustering_kwargs",):
+            for name in self._METHOD_SPECIFIC:
                 defaults.pop(name, None)
         return defaults
 
