@@ -85,11 +85,17 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
         method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
-                                 hard_fraction=args.hard_fraction, bn_splits=args.bn_splits,
+                                 hard_fraction=args.hard_fraction,
+                                 drop_fraction=args.drop_fraction, bn_splits=args.bn_splits,
                                  **_optim(args), **_backbone(args))  # fmt: skip
         # --cc-clustering finch: FINCH's finest partition (SLIC's labels) instead of the default
-        # agglomerative N / 10, to separate the clustering from the loss.
-        clustering = {"method": "finch", "level": 0} if args.cc_clustering == "finch" else {}
+        # agglomerative N / 10, to separate the clustering from the loss; ward: the same cut of
+        # a ward-linkage tree instead of average linkage.
+        clustering = {
+            "default": {},
+            "finch": {"method": "finch", "level": 0},
+            "ward": {"method": "agglomerative", "clustering_kwargs": {"linkage": "ward"}},
+        }[args.cc_clustering]
         labels = _pseudo_labels(args, start_epoch, cluster_fraction=args.cluster_fraction,
                                 **clustering)  # fmt: skip
         return method, [labels], {}
@@ -157,10 +163,14 @@ def main() -> None:
                     help="MoCo, ClusterContrast: BN groups on one device (1: whole batch)")
     ap.add_argument("--cluster-fraction", type=float, default=None,
                     help="ClusterContrast: clusters as a share of N (default: its own, 0.1)")
-    ap.add_argument("--cc-clustering", choices=("default", "finch"), default="default",
-                    help="ClusterContrast: its agglomerative default, or FINCH's finest level")
+    ap.add_argument("--cc-clustering", choices=("default", "finch", "ward"),
+                    default="default", help="ClusterContrast: its agglomerative default "
+                    "(average linkage), FINCH's finest level, or ward linkage")
     ap.add_argument("--hard-fraction", type=float, default=0.05,
                     help="ClusterContrast: share of negatives kept (Cai et al.: 0.05)")
+    ap.add_argument("--drop-fraction", type=float, default=0.001,
+                    help="ClusterContrast: share of the very hardest negatives dropped first "
+                    "(Cai et al.: 0.001)")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="initial weights and sampling")
@@ -227,12 +237,14 @@ def main() -> None:
               + f" {ratio:10.2f} {vs:10.2f}")  # fmt: skip
     for name, hist in histories.items():
         print(f"\npseudo-labels of {name} (one row per re-clustering):")
-        print(f"{'epoch':>5} {'clusters':>8} {'NMI':>6} {'AMI':>6} {'pos FP':>7} {'neg FN':>7}")
+        print(f"{'epoch':>5} {'clusters':>8} {'NMI':>6} {'AMI':>6} {'pos FP':>7} {'neg FN':>7} "
+              f"{'hard FN':>7}")  # fmt: skip
         nan = float("nan")
         for h in hist:
             print(f"{h['epoch']:5d} {h['num_clusters']:8d} {h.get('nmi', nan):6.3f} "
                   f"{h.get('ami', nan):6.3f} {h.get('positive_fp_rate', nan):7.3f} "
-                  f"{h.get('negative_fn_rate', nan):7.3f}")  # fmt: skip
+                  f"{h.get('negative_fn_rate', nan):7.3f} "
+                  f"{h.get('hard_negative_fn_rate', nan):7.3f}")  # fmt: skip
     print(f"load average after: {os.getloadavg()}")
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from vidssl import clustering
-from vidssl.callbacks.pseudo_labels import PseudoLabels, pair_error_rates
+from vidssl.callbacks.pseudo_labels import PseudoLabels, hard_negative_fn_rate, pair_error_rates
 from vidssl.data.cluster_sampler import ClusterBatchSampler
 from vidssl.methods.cluster_triplet import ClusterTriplet
 
@@ -182,6 +182,44 @@ def test_pair_error_rates_match_loop():
     assert perfect == {"positive_fp_rate": 0.0, "negative_fn_rate": 0.0}
 
 
+def _hard_fn_loop(x, p, t, fraction):
+    """Direct loop: per anchor, sort its other-cluster videos by cosine, count the top share."""
+    x = x / np.linalg.norm(x, axis=1, keepdims=True)
+    keep_rows = [i for i in range(len(t)) if t[i] >= 0]
+    rates = []
+    for a in keep_rows:
+        negs = [j for j in keep_rows if p[j] != p[a]]
+        if not negs:
+            continue
+        negs.sort(key=lambda j: -float(x[a] @ x[j]))
+        k = int(np.ceil(fraction * len(negs)))
+        rates.append(sum(t[j] == t[a] for j in negs[:k]) / k)
+    return float(np.mean(rates))
+
+
+def test_hard_negative_fn_rate_matches_loop_and_sees_split_classes():
+    g = np.random.default_rng(0)
+    t = np.repeat(np.arange(3), 20)
+    x = np.eye(3)[t] * 3 + g.normal(size=(60, 3))
+    t[[4, 30]] = -1  # unknown classes are left out as anchors and as negatives
+    p = g.integers(0, 5, 60)
+    for fraction in (0.05, 0.3, 1.0):
+        got = hard_negative_fn_rate(x, p, t, fraction)
+        assert got == pytest.approx(_hard_fn_loop(x, p, t, fraction), abs=1e-6)
+    # Every class split into two clusters: all negatives hold a third of false ones, the hardest
+    # 5 % are all false (the sibling cluster), which the rate over all negatives does not show.
+    # (Features with well-separated classes.)
+    x = np.eye(3)[np.maximum(t, 0)] * 3 + 0.3 * g.normal(size=(60, 3))
+    split = np.where(t >= 0, 2 * np.maximum(t, 0) + (np.arange(60) % 2), 99)
+    assert pair_error_rates(split, t)["negative_fn_rate"] < 0.25
+    assert hard_negative_fn_rate(x, split, t, 0.05) == 1.0
+    # A subset of anchors estimates the same rate.
+    sub = hard_negative_fn_rate(x, split, t, 0.05, max_anchors=10, chunk_size=3)
+    assert sub == 1.0
+    with pytest.raises(ValueError, match="fraction"):
+        hard_negative_fn_rate(x, p, t, 0.0)
+
+
 def test_arguments_are_checked():
     with pytest.raises(ValueError, match="valid: finch, agglomerative, kmeans"):
         PseudoLabels(method="dbscan")
@@ -227,7 +265,9 @@ def test_reclusters_on_schedule_hands_over_and_logs(tmp_path, monkeypatch):
     monkeypatch.setattr(clustering, "cluster", spy)
     dm, rec = FakeDM(), _Recorder()
     cb = PseudoLabels(every_n_epochs=2, p_same=0.0)
-    _trainer(tmp_path, [cb, rec], max_epochs=3).fit(_model(), datamodule=dm)
+    model = _model()
+    model.hard_fraction = 0.25  # as ClusterContrast has: the hard-negative rate is logged too
+    _trainer(tmp_path, [cb, rec], max_epochs=3).fit(model, datamodule=dm)
     n = len(dm.ds)
     assert spy.calls == [n, n]  # epochs 0 and 2
     assert [h["epoch"] for h in cb.history] == [0, 2]
@@ -243,6 +283,7 @@ def test_reclusters_on_schedule_hands_over_and_logs(tmp_path, monkeypatch):
     for key in ("num_clusters", "size_min", "size_median", "size_max", "singletons", "nmi"):
         assert key in d
     assert "positive_fp_rate" in d and "negative_fn_rate" in d
+    assert 0.0 <= d["hard_negative_fn_rate"] <= 1.0
 
 
 def test_metrics_are_logged_through_lightning(tmp_path):

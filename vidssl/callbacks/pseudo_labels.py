@@ -21,7 +21,7 @@ from torch import nn
 from vidssl import clustering
 from vidssl import distributed as vdist
 
-__all__ = ["PseudoLabels", "pair_error_rates"]
+__all__ = ["PseudoLabels", "hard_negative_fn_rate", "pair_error_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,68 @@ def pair_error_rates(pseudo: Any, truth: Any) -> Dict[str, float]:
     return out
 
 
+def hard_negative_fn_rate(
+    features: Any,
+    pseudo: Any,
+    truth: Any,
+    fraction: float,
+    *,
+    max_anchors: int = 2048,
+    chunk_size: int = 256,
+    seed: int = 0,
+) -> Optional[float]:
+    """How often the *hardest* negatives outside an anchor's cluster share its class.
+
+    For each anchor ``a`` with a known class (at most ``max_anchors``, drawn with ``seed``), the
+    videos outside ``a``'s cluster are ranked by cosine similarity to ``a`` and the most similar
+    ``ceil(fraction * n)`` of its ``n`` are kept, as ``hard_negative_mask`` keeps them for
+    ``ClusterContrast``; the rate is the mean share of kept negatives with ``a``'s class. Over
+    a class split into several clusters, the hardest negatives are its sibling clusters: this
+    rate can be far above :func:`pair_error_rates`' ``negative_fn_rate``, which counts all
+    negatives. (The method ranks its keys by projection similarity; this ranks the bank's
+    features, the ones clustered.)
+
+    Args:
+        features: ``N x D`` bank features.
+        pseudo: ``N`` cluster labels.
+        truth: ``N`` class labels, ``-1`` where unknown (left out, as anchors and negatives).
+        fraction: share of each anchor's negatives kept, in ``(0, 1]``.
+        max_anchors: anchors scored (a random subset above this), bounding the cost to
+            ``max_anchors x N`` similarities.
+        chunk_size: anchors per matrix product.
+        seed: seed of the anchor subset.
+
+    Returns:
+        The rate, or ``None`` when no anchor has a known class and a negative.
+    """
+    if not 0.0 < fraction <= 1.0:
+        raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    t = torch.as_tensor(np.asarray(truth)).reshape(-1).long()
+    known = t >= 0
+    x = F.normalize(torch.as_tensor(np.asarray(features)).float()[known], dim=1)
+    p = torch.as_tensor(np.asarray(pseudo)).reshape(-1).long()[known]
+    t = t[known]
+    n = t.numel()
+    anchors = torch.arange(n)
+    if n > max_anchors:
+        g = torch.Generator().manual_seed(seed)
+        anchors = torch.randperm(n, generator=g)[:max_anchors].sort().values
+    rates = []
+    for lo in range(0, anchors.numel(), chunk_size):
+        a = anchors[lo : lo + chunk_size]
+        outside = p[a][:, None] != p[None, :]
+        sim = torch.where(outside, x[a] @ x.T, torch.full((a.numel(), n), -float("inf")))
+        n_out = outside.sum(1)
+        keep = torch.ceil(n_out * fraction).long()
+        order = sim.argsort(dim=1, descending=True, stable=True)
+        same = (t[order] == t[a][:, None]).float()
+        kept = torch.arange(n)[None, :] < keep[:, None]
+        ok = n_out > 0
+        rates.append((same * kept).sum(1)[ok] / keep[ok])
+    rates_t = torch.cat(rates) if rates else torch.empty(0)
+    return float(rates_t.mean()) if rates_t.numel() else None
+
+
 def _has_sklearn() -> bool:
     try:
         import sklearn  # noqa: F401
@@ -103,7 +165,8 @@ class PseudoLabels(pl.Callback):
     them and re-clusters only when the schedule says so, never because of the resume.
 
     Logged under ``pseudo_labels/`` each time: cluster count, size min/median/max, singletons,
-    NMI/AMI/ARI against the ground truth where known, and :func:`pair_error_rates`.
+    NMI/AMI/ARI against the ground truth where known, :func:`pair_error_rates`, and for a
+    method with a ``hard_fraction`` (``ClusterContrast``) :func:`hard_negative_fn_rate`.
 
     Arguments left at ``None`` take the method's ``pseudo_label_defaults`` (a class attribute of
     ``ClusterTriplet`` and ``ClusterContrast``), then the values in brackets.
@@ -428,9 +491,14 @@ class PseudoLabels(pl.Callback):
         # broadcast labels and logged identically (no rank-0-only logging).
         metrics = clustering.clustering_metrics(labels.numpy(), truth_np, ami=_has_sklearn())
         metrics.update(pair_error_rates(labels, truth_np))
-        metrics.update(
-            {"epoch": epoch, "bank_rows": int(all_idx.numel()), "bank_size": n}
-        )
+        # A method that keeps only its hardest negatives (ClusterContrast) is hurt by the false
+        # ones among them, which the rate over all negatives hides.
+        hard = getattr(pl_module, "hard_fraction", None)
+        if hard is not None and (truth_np >= 0).any():
+            rate = hard_negative_fn_rate(feats_np, labels.numpy(), truth_np, float(hard))
+            if rate is not None:
+                metrics["hard_negative_fn_rate"] = rate
+        metrics.update({"epoch": epoch, "bank_rows": int(all_idx.numel()), "bank_size": n})
         metrics["method"] = self.setting("method", pl_module)
         metrics["embed_seconds"] = diag.get("embed_seconds", 0.0)
         metrics["cluster_seconds"] = diag.get("cluster_seconds", 0.0)
@@ -458,9 +526,7 @@ class PseudoLabels(pl.Callback):
             logger = getattr(pl_module, "logger", None)
             if logger is not None and pl_module.trainer.is_global_zero:
                 logger.log_metrics(values, step=pl_module.trainer.global_step)
-        log.info(
-            "PseudoLabels epoch %s: %s", metrics.get("epoch"), {k: values[k] for k in values}
-        )
+        log.info("PseudoLabels epoch %s: %s", metrics.get("epoch"), {k: values[k] for k in values})
 
 
 def _is_number(v: Any) -> bool:
