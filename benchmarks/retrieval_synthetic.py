@@ -96,6 +96,8 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
             "finch": {"method": "finch", "level": 0},
             "ward": {"method": "agglomerative", "clustering_kwargs": {"linkage": "ward"}},
         }[args.cc_clustering]
+        if args.cc_features:  # which features are clustered (its default: the backbone's)
+            clustering["features"] = args.cc_features
         labels = _pseudo_labels(args, start_epoch, cluster_fraction=args.cluster_fraction,
                                 **clustering)  # fmt: skip
         return method, [labels], {}
@@ -166,6 +168,8 @@ def main() -> None:
     ap.add_argument("--cc-clustering", choices=("default", "finch", "ward"),
                     default="default", help="ClusterContrast: its agglomerative default "
                     "(average linkage), FINCH's finest level, or ward linkage")
+    ap.add_argument("--cc-features", choices=("backbone", "projection"), default=None,
+                    help="ClusterContrast: features clustered (default: its own, backbone)")
     ap.add_argument("--hard-fraction", type=float, default=0.05,
                     help="ClusterContrast: share of negatives kept (Cai et al.: 0.05)")
     ap.add_argument("--drop-fraction", type=float, default=0.001,
@@ -237,11 +241,12 @@ def main() -> None:
               + f" {ratio:10.2f} {vs:10.2f}")  # fmt: skip
     for name, hist in histories.items():
         print(f"\npseudo-labels of {name} (one row per re-clustering):")
-        print(f"{'epoch':>5} {'clusters':>8} {'NMI':>6} {'AMI':>6} {'pos FP':>7} {'neg FN':>7} "
-              f"{'hard FN':>7}")  # fmt: skip
+        print(f"{'epoch':>5} {'clusters':>8} {'largest':>7} {'NMI':>6} {'AMI':>6} {'pos FP':>7} "
+              f"{'neg FN':>7} {'hard FN':>7}")  # fmt: skip
         nan = float("nan")
         for h in hist:
-            print(f"{h['epoch']:5d} {h['num_clusters']:8d} {h.get('nmi', nan):6.3f} "
+            print(f"{h['epoch']:5d} {h['num_clusters']:8d} {h['size_max']:7d} "
+                  f"{h.get('nmi', nan):6.3f} "
                   f"{h.get('ami', nan):6.3f} {h.get('positive_fp_rate', nan):7.3f} "
                   f"{h.get('negative_fn_rate', nan):7.3f} "
                   f"{h.get('hard_negative_fn_rate', nan):7.3f}")  # fmt: skip

@@ -84,7 +84,7 @@ def hard_negative_fn_rate(
     truth: Any,
     fraction: float,
     *,
-    max_anchors: int = 2048,
+    max_anchors: int = 512,
     chunk_size: int = 256,
     seed: int = 0,
 ) -> Optional[float]:
@@ -104,9 +104,11 @@ def hard_negative_fn_rate(
         pseudo: ``N`` cluster labels.
         truth: ``N`` class labels, ``-1`` where unknown (left out, as anchors and negatives).
         fraction: share of each anchor's negatives kept, in ``(0, 1]``.
-        max_anchors: anchors scored (a random subset above this), bounding the cost to
-            ``max_anchors x N`` similarities.
-        chunk_size: anchors per matrix product.
+        max_anchors: anchors scored (a random subset above this; 512 gives the rate to about
+            +-0.02), bounding the cost to ``max_anchors x N`` similarities and their top
+            ``fraction`` (about 5 s at N = 240k on 2 CPU cores).
+        chunk_size: at most this many anchors per matrix product, fewer on a large bank so
+            that a chunk's similarities stay near 2^23 entries.
         seed: seed of the anchor subset.
 
     Returns:
@@ -125,15 +127,17 @@ def hard_negative_fn_rate(
         g = torch.Generator().manual_seed(seed)
         anchors = torch.randperm(n, generator=g)[:max_anchors].sort().values
     rates = []
-    for lo in range(0, anchors.numel(), chunk_size):
-        a = anchors[lo : lo + chunk_size]
+    step = max(1, min(chunk_size, 2**23 // max(n, 1)))
+    for lo in range(0, anchors.numel(), step):
+        a = anchors[lo : lo + step]
         outside = p[a][:, None] != p[None, :]
         sim = torch.where(outside, x[a] @ x.T, torch.full((a.numel(), n), -float("inf")))
         n_out = outside.sum(1)
         keep = torch.ceil(n_out * fraction).long()
-        order = sim.argsort(dim=1, descending=True, stable=True)
+        # The most similar keep.max() of each row, in order; a row keeps its first keep[i].
+        order = torch.topk(sim, int(keep.max()), dim=1).indices
         same = (t[order] == t[a][:, None]).float()
-        kept = torch.arange(n)[None, :] < keep[:, None]
+        kept = torch.arange(order.shape[1])[None, :] < keep[:, None]
         ok = n_out > 0
         rates.append((same * kept).sum(1)[ok] / keep[ok])
     rates_t = torch.cat(rates) if rates else torch.empty(0)
