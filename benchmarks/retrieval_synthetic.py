@@ -8,8 +8,9 @@ by default with one appearance shared by every video (``--appearance shared``: w
 its own per video, instance discrimination is solved by appearance and learns no motion),
 pretrains each method for the same number of epochs from the same initial backbone weights,
 and reports retrieval R@k (test videos query the training videos; vidssl.evaluation) side by
-side, with the pseudo-label quality (NMI/AMI, false-positive rate of cluster positives) of every
-re-clustering the PseudoLabels callback made.
+side, with the pseudo-label quality (NMI/AMI, homogeneity, false-positive rate of cluster
+positives, false negatives among the hardest negatives) of every re-clustering the PseudoLabels
+callback made.
 
     .venv/bin/python benchmarks/retrieval_synthetic.py
     .venv/bin/python benchmarks/retrieval_synthetic.py --epochs 30 --every 5
@@ -241,12 +242,12 @@ def main() -> None:
               + f" {ratio:10.2f} {vs:10.2f}")  # fmt: skip
     for name, hist in histories.items():
         print(f"\npseudo-labels of {name} (one row per re-clustering):")
-        print(f"{'epoch':>5} {'clusters':>8} {'largest':>7} {'NMI':>6} {'AMI':>6} {'pos FP':>7} "
-              f"{'neg FN':>7} {'hard FN':>7}")  # fmt: skip
+        print(f"{'epoch':>5} {'clusters':>8} {'largest':>7} {'NMI':>6} {'homog':>6} {'AMI':>6} "
+              f"{'pos FP':>7} {'neg FN':>7} {'hard FN':>7}")  # fmt: skip
         nan = float("nan")
         for h in hist:
             print(f"{h['epoch']:5d} {h['num_clusters']:8d} {h['size_max']:7d} "
-                  f"{h.get('nmi', nan):6.3f} "
+                  f"{h.get('nmi', nan):6.3f} {h.get('homogeneity', nan):6.3f} "
                   f"{h.get('ami', nan):6.3f} {h.get('positive_fp_rate', nan):7.3f} "
                   f"{h.get('negative_fn_rate', nan):7.3f} "
                   f"{h.get('hard_negative_fn_rate', nan):7.3f}")  # fmt: skip

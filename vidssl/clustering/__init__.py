@@ -12,6 +12,7 @@ from vidssl.clustering.metrics import (
     adjusted_rand_index,
     cluster_stats,
     clustering_metrics,
+    homogeneity,
     normalized_mutual_info,
 )
 from vidssl.clustering.neighbours import first_neighbour_recall, first_neighbours
@@ -30,6 +31,7 @@ __all__ = [
     "finch",
     "first_neighbour_recall",
     "first_neighbours",
+    "homogeneity",
     "kmeans",
     "merge_to_count",
     "normalized_mutual_info",
