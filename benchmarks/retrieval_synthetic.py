@@ -76,7 +76,8 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         # As for ClusterContrast below: --ema instead of 0.999 for a short run, and a queue of
         # two batches (a multiple of the batch, as MoCo requires).
         method = MoCo(version=2, queue_size=2 * args.batch, ema_momentum=args.ema,
-                      bn_splits=args.bn_splits, **_optim(args), **_backbone(args))  # fmt: skip
+                      bn_splits=args.bn_splits, mask_own_video=args.mask_own_video,
+                      **_optim(args), **_backbone(args))  # fmt: skip
         return method, [], {}
     if name == "slic":
         method = ClusterTriplet(**_optim(args), **_backbone(args))
@@ -164,6 +165,8 @@ def main() -> None:
     ap.add_argument("--ema", type=float, default=0.9, help="MoCo, ClusterContrast key momentum")
     ap.add_argument("--bn-splits", type=int, default=2,
                     help="MoCo, ClusterContrast: BN groups on one device (1: whole batch)")
+    ap.add_argument("--mask-own-video", action="store_true",
+                    help="MoCo: leave queued keys of a query's own video out of its negatives")
     ap.add_argument("--cluster-fraction", type=float, default=None,
                     help="ClusterContrast: clusters as a share of N (default: its own, 0.1)")
     ap.add_argument("--cc-clustering", choices=("default", "finch", "ward"),

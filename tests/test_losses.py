@@ -79,6 +79,19 @@ def test_info_nce_matches_loop(with_queue):
     assert got == pytest.approx(_info_nce_loop(q, k, neg, 0.2), rel=1e-9)
 
 
+def test_info_nce_negative_mask_leaves_keys_out_per_query():
+    rng = np.random.default_rng(6)
+    q, k, neg = rng.normal(size=(3, 6)), rng.normal(size=(3, 6)), rng.normal(size=(7, 6))
+    mask = rng.random((3, 7)) < 0.6
+    mask[0] = False  # a query with no negative left: only its positive, loss 0
+    got = info_nce(torch.tensor(q), torch.tensor(k), torch.tensor(neg), 0.2,
+                   negative_mask=torch.tensor(mask))  # fmt: skip
+    # Independently: each query against only its own negatives, averaged over queries.
+    per_query = [_info_nce_loop(q[i : i + 1], k[i : i + 1], neg[mask[i]], 0.2) for i in range(3)]
+    assert got.item() == pytest.approx(np.mean(per_query), rel=1e-9)
+    assert per_query[0] == 0.0
+
+
 def test_info_nce_temperature_limits():
     g = torch.Generator().manual_seed(5)
     q, k, neg = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(9, 8)

@@ -3,14 +3,17 @@
 import copy
 import math
 import re
+import warnings
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from vidssl.losses import info_nce
 from vidssl.methods import (
     LARS,
     MoCo,
@@ -154,6 +157,48 @@ def test_moco_key_encoder_follows_by_ema_after_each_step():
         torch.testing.assert_close(p, 0.9 * key_before[name] + 0.1 * online[name])
     assert m.queue_ptr.item() == 4
     assert not any(p.requires_grad for p in m.key_backbone.parameters())
+
+
+def test_moco_queue_remembers_videos_and_can_mask_own_keys():
+    torch.manual_seed(0)
+    m = MoCo(queue_size=8, mask_own_video=True, **TINY)
+    # Fill the queue with known keys of videos 0..7, then a batch of videos 2 and 5 computes
+    # a loss that must equal InfoNCE over the queue without each query's own video.
+    m.enqueue(F.normalize(torch.randn(8, 128), dim=1), torch.arange(8))
+    assert m.queue_index.tolist() == list(range(8)) and m.queue_ptr.item() == 0
+    batch = _batch(b=2)
+    batch["index"] = torch.tensor([2, 5])
+    queue = m.queue.clone()
+    with torch.no_grad():
+        loss = m.compute_loss(batch)
+        q = m._queries(batch["views"][0])
+        k = m._keys(batch["views"][1])
+    expected = torch.stack([
+        info_nce(q[i : i + 1], k[i : i + 1], queue[torch.arange(8) != v], m.temperature)
+        for i, v in enumerate((2, 5))
+    ]).mean()  # fmt: skip
+    torch.testing.assert_close(loss, expected)
+    assert m.queue_index[:2].tolist() == [2, 5]  # the batch went in with its indices
+    # Without the mask the own keys count as negatives (MoCo as published).
+    m.mask_own_video = False
+    m.queue.copy_(queue)
+    m.queue_ptr.zero_()
+    m.queue_index.copy_(torch.arange(8))
+    with torch.no_grad():
+        plain = m.compute_loss(batch)
+    torch.testing.assert_close(plain, info_nce(q, k, queue, m.temperature))
+
+
+def test_moco_warns_when_the_queue_holds_every_video():
+    class _Videos(_DM):
+        num_train_videos = 8
+
+    with pytest.warns(UserWarning, match="queue_size=8 >= 8 training videos"):
+        _trainer(fast_dev_run=1).fit(MoCo(queue_size=8, **TINY), datamodule=_Videos())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*training videos.*")
+        _trainer(fast_dev_run=1).fit(MoCo(queue_size=8, mask_own_video=True, **TINY),
+                                     datamodule=_Videos())  # fmt: skip
 
 
 def test_moco_split_bn_on_one_device_keeps_query_and_key_statistics_apart():

@@ -70,6 +70,7 @@ def info_nce(
     positive_key: torch.Tensor,
     negative_keys: Optional[torch.Tensor] = None,
     temperature: float = 0.07,
+    negative_mask: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """InfoNCE (van den Oord et al. 2018) as MoCo computes it (He et al. 2020, eq. 1).
 
@@ -82,6 +83,8 @@ def info_nce(
         negative_keys: ``K x D`` negatives shared by every query (MoCo's queue). ``None`` uses
             the other rows of ``positive_key`` as negatives (in-batch InfoNCE).
         temperature: softmax temperature (MoCo v1: 0.07, MoCo v2: 0.2).
+        negative_mask: ``B x K`` bool, which of ``negative_keys`` are negatives of each query
+            (``None``: all); the others are left out of that query's sum.
 
     Returns:
         A scalar tensor.
@@ -99,7 +102,10 @@ def info_nce(
         return F.cross_entropy(logits, target)
     neg = F.normalize(negative_keys, dim=1)
     pos = (q * k).sum(dim=1, keepdim=True)
-    logits = torch.cat([pos, q @ neg.T], dim=1) / temperature
+    neg_logits = q @ neg.T
+    if negative_mask is not None:
+        neg_logits = neg_logits.masked_fill(~negative_mask, -float("inf"))
+    logits = torch.cat([pos, neg_logits], dim=1) / temperature
     # The positive is column 0 of every row (MoCo's labels = zeros).
     target = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, target)

@@ -113,6 +113,8 @@ class ClusterContrast(MoCo):
             shuffle_bn=shuffle_bn,
             bn_splits=bn_splits,
             ema_momentum=ema_momentum,
+            # Own-video keys are never negatives here: same label (the video's or its cluster's).
+            mask_own_video=True,
             proj_hidden_dim=proj_hidden_dim,
             proj_output_dim=proj_output_dim,
             optimizer=optimizer,
@@ -125,9 +127,7 @@ class ClusterContrast(MoCo):
         )
         self.hard_fraction = hard_fraction
         self.drop_fraction = drop_fraction
-        self.queue_size = queue_size
-        # Dataset index of each queued key; -1 marks a slot not written yet (never used).
-        self.register_buffer("queue_index", torch.full((max(queue_size, 1),), -1, dtype=torch.long))
+        self.queue_size = queue_size  # MoCo's buffers hold max(queue_size, 1) keys and indices
 
     def _check_queue(self, global_batch: int) -> None:
         """Accept any queue size: this queue wraps around (unlike MoCo's)."""

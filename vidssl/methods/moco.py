@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 
 from vidssl import distributed as vdist
@@ -58,6 +59,13 @@ class MoCo(VideoSSLMethod):
             synthetic collection, 8 groups of 4 gave R@1 0.653 and 2 groups 0.944
             (docs/benchmarks.md).
         ema_momentum: key encoder momentum m.
+        mask_own_video: leave the queued keys of a query's own video out of its negatives.
+            The queue remembers each key's dataset index for this. Off by default, as in MoCo.
+            MoCo assumes many more videos than ``queue_size``. On a small dataset a query
+            meets stale keys of its own video in the queue, and the loss pushes them away. At
+            ``queue_size >= N`` every video's own keys are in the queue (UCF101's 9.5k
+            training videos under the default 65536 keys: about 7 each). MoCo then warns at
+            start-up unless this is on.
         backbone, ...: as ``VideoSSLMethod``.
     """
 
@@ -75,6 +83,7 @@ class MoCo(VideoSSLMethod):
         shuffle_bn: bool = True,
         bn_splits: int = 2,
         ema_momentum: float = 0.999,
+        mask_own_video: bool = False,
         proj_hidden_dim: Optional[int] = None,
         proj_output_dim: int = 128,
         optimizer: str = "sgd",
@@ -117,11 +126,14 @@ class MoCo(VideoSSLMethod):
         self.queue_size = queue_size
         self.shuffle_bn = shuffle_bn
         self.bn_splits = bn_splits
+        self.mask_own_video = mask_own_video
         self.key_backbone = momentum_copy(self.backbone)
         self.key_projection = momentum_copy(self.projection)
         # Random unit vectors until real keys replace them, as in the official code.
         self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_output_dim), dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        # Dataset index of each queued key; -1 marks a slot not written yet.
+        self.register_buffer("queue_index", torch.full((queue_size,), -1, dtype=torch.long))
 
     def momentum_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
         """Return the query encoder's backbone and head, with their key-encoder copies."""
@@ -143,6 +155,16 @@ class MoCo(VideoSSLMethod):
         batch_size = getattr(dm, "batch_size", None)
         if stage == "fit" and isinstance(batch_size, int):
             self._check_queue(batch_size * self.trainer.world_size)
+        try:
+            n = int(dm.num_train_videos)  # a VideoDataModule's N; other data modules: unknown
+        except Exception:  # noqa: BLE001 - no data module, no train set, no such property
+            n = None
+        if stage == "fit" and n is not None and self.queue_size >= n and not self.mask_own_video:
+            rank_zero_warn(
+                f"MoCo queue_size={self.queue_size} >= {n} training videos: every query meets "
+                "stale keys of its own video among its negatives. Set mask_own_video=True, or "
+                "a queue_size well below the number of videos."
+            )
 
     # ----------------------------------------------------------------- shuffle BN
     def _uses_sync_bn(self) -> bool:
@@ -190,13 +212,21 @@ class MoCo(VideoSSLMethod):
 
     # ----------------------------------------------------------------- queue
     @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor) -> None:
-        """Write the keys of every rank (``B x dim`` here) into the queue and move the pointer."""
+    def enqueue(self, keys: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
+        """Write every rank's keys (``B x dim`` here) and dataset indices into the queue.
+
+        ``index`` ``None`` stores ``-1`` (unknown video). The pointer moves past the keys.
+        """
         keys = vdist.all_gather(keys)
         n = keys.shape[0]
         self._check_queue(n)
+        if index is None:
+            index = torch.full((n,), -1, dtype=torch.long, device=keys.device)
+        else:
+            index = vdist.all_gather(index.long())
         ptr = int(self.queue_ptr)
         self.queue[ptr : ptr + n] = keys
+        self.queue_index[ptr : ptr + n] = index
         self.queue_ptr.fill_((ptr + n) % self.queue_size)
 
     # ----------------------------------------------------------------- loss
@@ -204,7 +234,11 @@ class MoCo(VideoSSLMethod):
         """InfoNCE of queries (view 0) against their keys (view 1) and the queue's negatives."""
         q = self._queries(batch["views"][0])
         k = self._keys(batch["views"][1])
+        index = batch["index"].long()
+        mask = None
+        if self.mask_own_video:
+            mask = self.queue_index[None, :] != index[:, None]
         # The loss uses the queue as it was before this batch's keys go in.
-        loss = info_nce(q, k, self.queue.clone(), self.temperature)
-        self.enqueue(k)
+        loss = info_nce(q, k, self.queue.clone(), self.temperature, negative_mask=mask)
+        self.enqueue(k, index)
         return loss
