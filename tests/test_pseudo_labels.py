@@ -182,8 +182,9 @@ def test_pair_error_rates_match_loop():
     assert perfect == {"positive_fp_rate": 0.0, "negative_fn_rate": 0.0}
 
 
-def _hard_fn_loop(x, p, t, fraction):
-    """Direct loop: per anchor, sort its other-cluster videos by cosine, count the top share."""
+def _hard_fn_loop(x, p, t, fraction, drop=0.0):
+    """Direct loop: per anchor, sort its other-cluster videos by cosine, skip the top ``drop``
+    share, count the next ``fraction``."""
     x = x / np.linalg.norm(x, axis=1, keepdims=True)
     keep_rows = [i for i in range(len(t)) if t[i] >= 0]
     rates = []
@@ -192,8 +193,9 @@ def _hard_fn_loop(x, p, t, fraction):
         if not negs:
             continue
         negs.sort(key=lambda j: -float(x[a] @ x[j]))
+        d = int(np.floor(drop * len(negs)))
         k = int(np.ceil(fraction * len(negs)))
-        rates.append(sum(t[j] == t[a] for j in negs[:k]) / k)
+        rates.append(sum(t[j] == t[a] for j in negs[d : d + k]) / k)
     return float(np.mean(rates))
 
 
@@ -203,9 +205,9 @@ def test_hard_negative_fn_rate_matches_loop_and_sees_split_classes():
     x = np.eye(3)[t] * 3 + g.normal(size=(60, 3))
     t[[4, 30]] = -1  # unknown classes are left out as anchors and as negatives
     p = g.integers(0, 5, 60)
-    for fraction in (0.05, 0.3, 1.0):
-        got = hard_negative_fn_rate(x, p, t, fraction)
-        assert got == pytest.approx(_hard_fn_loop(x, p, t, fraction), abs=1e-6)
+    for fraction, drop in ((0.05, 0.0), (0.3, 0.0), (1.0, 0.0), (0.05, 0.2), (0.3, 0.1)):
+        got = hard_negative_fn_rate(x, p, t, fraction, drop_fraction=drop)
+        assert got == pytest.approx(_hard_fn_loop(x, p, t, fraction, drop), abs=1e-6)
     # Every class split into two clusters: all negatives hold a third of false ones, the hardest
     # 5 % are all false (the sibling cluster), which the rate over all negatives does not show.
     # (Features with well-separated classes.)
@@ -218,6 +220,8 @@ def test_hard_negative_fn_rate_matches_loop_and_sees_split_classes():
     assert sub == 1.0
     with pytest.raises(ValueError, match="fraction"):
         hard_negative_fn_rate(x, p, t, 0.0)
+    with pytest.raises(ValueError, match="drop_fraction"):
+        hard_negative_fn_rate(x, p, t, 0.05, drop_fraction=1.0)
 
 
 def test_arguments_are_checked():

@@ -84,6 +84,7 @@ def hard_negative_fn_rate(
     truth: Any,
     fraction: float,
     *,
+    drop_fraction: float = 0.0,
     max_anchors: int = 512,
     chunk_size: int = 256,
     seed: int = 0,
@@ -91,19 +92,21 @@ def hard_negative_fn_rate(
     """How often the *hardest* negatives outside an anchor's cluster share its class.
 
     For each anchor ``a`` with a known class (at most ``max_anchors``, drawn with ``seed``), the
-    videos outside ``a``'s cluster are ranked by cosine similarity to ``a`` and the most similar
-    ``ceil(fraction * n)`` of its ``n`` are kept, as ``hard_negative_mask`` keeps them for
-    ``ClusterContrast``; the rate is the mean share of kept negatives with ``a``'s class. Over
-    a class split into several clusters, the hardest negatives are its sibling clusters: this
-    rate can be far above :func:`pair_error_rates`' ``negative_fn_rate``, which counts all
-    negatives. (The method ranks its keys by projection similarity; this ranks the bank's
-    features, the ones clustered.)
+    videos outside ``a``'s cluster are ranked by cosine similarity to ``a``, the most similar
+    ``floor(drop_fraction * n)`` of its ``n`` are skipped and the next ``ceil(fraction * n)``
+    kept, as ``hard_negative_mask`` keeps them for ``ClusterContrast``. The rate is the mean
+    share of kept negatives with ``a``'s class. Over a class split into several clusters, the
+    hardest negatives are its sibling clusters: this rate can be far above
+    :func:`pair_error_rates`' ``negative_fn_rate``, which counts all negatives. (The method
+    ranks its keys by projection similarity; this ranks the bank's features, the ones
+    clustered.)
 
     Args:
         features: ``N x D`` bank features.
         pseudo: ``N`` cluster labels.
         truth: ``N`` class labels, ``-1`` where unknown (left out, as anchors and negatives).
         fraction: share of each anchor's negatives kept, in ``(0, 1]``.
+        drop_fraction: share of the very hardest skipped first, in ``[0, 1)``.
         max_anchors: anchors scored (a random subset above this; 512 gives the rate to about
             +-0.02), bounding the cost to ``max_anchors x N`` similarities and their top
             ``fraction`` (about 5 s at N = 240k on 2 CPU cores).
@@ -116,6 +119,8 @@ def hard_negative_fn_rate(
     """
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}.")
     t = torch.as_tensor(np.asarray(truth)).reshape(-1).long()
     known = t >= 0
     x = F.normalize(torch.as_tensor(np.asarray(features)).float()[known], dim=1)
@@ -133,11 +138,14 @@ def hard_negative_fn_rate(
         outside = p[a][:, None] != p[None, :]
         sim = torch.where(outside, x[a] @ x.T, torch.full((a.numel(), n), -float("inf")))
         n_out = outside.sum(1)
-        keep = torch.ceil(n_out * fraction).long()
-        # The most similar keep.max() of each row, in order; a row keeps its first keep[i].
-        order = torch.topk(sim, int(keep.max()), dim=1).indices
+        drop = torch.floor(n_out * drop_fraction).long()
+        keep = torch.minimum(torch.ceil(n_out * fraction).long(), n_out - drop)
+        # The most similar (drop + keep).max() of each row, in order; row i keeps its ranks
+        # drop[i] .. drop[i] + keep[i] - 1.
+        order = torch.topk(sim, int((drop + keep).max()), dim=1).indices
         same = (t[order] == t[a][:, None]).float()
-        kept = torch.arange(order.shape[1])[None, :] < keep[:, None]
+        rank = torch.arange(order.shape[1])[None, :]
+        kept = (rank >= drop[:, None]) & (rank < (drop + keep)[:, None])
         ok = n_out > 0
         rates.append((same * kept).sum(1)[ok] / keep[ok])
     rates_t = torch.cat(rates) if rates else torch.empty(0)
@@ -499,7 +507,10 @@ class PseudoLabels(pl.Callback):
         # ones among them, which the rate over all negatives hides.
         hard = getattr(pl_module, "hard_fraction", None)
         if hard is not None and (truth_np >= 0).any():
-            rate = hard_negative_fn_rate(feats_np, labels.numpy(), truth_np, float(hard))
+            drop = float(getattr(pl_module, "drop_fraction", 0.0))
+            rate = hard_negative_fn_rate(
+                feats_np, labels.numpy(), truth_np, float(hard), drop_fraction=drop
+            )
             if rate is not None:
                 metrics["hard_negative_fn_rate"] = rate
         metrics.update({"epoch": epoch, "bank_rows": int(all_idx.numel()), "bank_size": n})
