@@ -187,6 +187,14 @@ def test_moco_queue_remembers_videos_and_can_mask_own_keys():
     with torch.no_grad():
         plain = m.compute_loss(batch)
     torch.testing.assert_close(plain, info_nce(q, k, queue, m.temperature))
+    # A batch without dataset indices: unknown videos (-1) in the queue; the mask needs them.
+    del batch["index"]
+    with torch.no_grad():
+        m.compute_loss(batch)
+    assert m.queue_index[2:4].tolist() == [-1, -1]
+    m.mask_own_video = True
+    with pytest.raises(ValueError, match="needs the batch's 'index'"):
+        m.compute_loss(batch)
 
 
 def test_moco_warns_when_the_queue_holds_every_video():

@@ -92,7 +92,7 @@ def homogeneity(labels_true: Any, labels_pred: Any) -> float:
     n = float(len(a))
     if n == 0:
         return 1.0
-    nij, ri, cj, rows, _ = _contingency(a, b)
+    nij, _, cj, rows, _ = _contingency(a, b)
     h_true = _entropy(rows, n)
     if h_true == 0:
         return 1.0

@@ -153,13 +153,15 @@ class MoCo(VideoSSLMethod):
         super().setup(stage)
         dm = getattr(self.trainer, "datamodule", None)
         batch_size = getattr(dm, "batch_size", None)
-        if stage == "fit" and isinstance(batch_size, int):
+        if stage != "fit":
+            return
+        if isinstance(batch_size, int):
             self._check_queue(batch_size * self.trainer.world_size)
         try:
             n = int(dm.num_train_videos)  # a VideoDataModule's N; other data modules: unknown
         except Exception:  # noqa: BLE001 - no data module, no train set, no such property
             n = None
-        if stage == "fit" and n is not None and self.queue_size >= n and not self.mask_own_video:
+        if n is not None and self.queue_size >= n and not self.mask_own_video:
             rank_zero_warn(
                 f"MoCo queue_size={self.queue_size} >= {n} training videos: every query meets "
                 "stale keys of its own video among its negatives. Set mask_own_video=True, or "
@@ -234,10 +236,12 @@ class MoCo(VideoSSLMethod):
         """InfoNCE of queries (view 0) against their keys (view 1) and the queue's negatives."""
         q = self._queries(batch["views"][0])
         k = self._keys(batch["views"][1])
-        index = batch["index"].long()
+        index = batch.get("index")  # dataset indices; a custom data module may leave them out
         mask = None
         if self.mask_own_video:
-            mask = self.queue_index[None, :] != index[:, None]
+            if index is None:
+                raise ValueError("MoCo(mask_own_video=True) needs the batch's 'index' key")
+            mask = self.queue_index[None, :] != index.long()[:, None]
         # The loss uses the queue as it was before this batch's keys go in.
         loss = info_nce(q, k, self.queue.clone(), self.temperature, negative_mask=mask)
         self.enqueue(k, index)
