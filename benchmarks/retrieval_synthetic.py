@@ -91,12 +91,12 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
                                  drop_fraction=args.drop_fraction, bn_splits=args.bn_splits,
                                  **_optim(args), **_backbone(args))  # fmt: skip
         # --cc-clustering finch: FINCH's finest partition (SLIC's labels) instead of the default
-        # agglomerative N / 10, to separate the clustering from the loss; ward: the same cut of
-        # a ward-linkage tree instead of average linkage.
+        # agglomerative N / 10 (ward), to separate the clustering from the loss; average: the
+        # same cut of an average-linkage tree (the default before 2026-12-01).
         clustering = {
             "default": {},
             "finch": {"method": "finch", "level": 0},
-            "ward": {"method": "agglomerative", "clustering_kwargs": {"linkage": "ward"}},
+            "average": {"method": "agglomerative", "clustering_kwargs": {"linkage": "average"}},
         }[args.cc_clustering]
         if args.cc_features:  # which features are clustered (its default: the backbone's)
             clustering["features"] = args.cc_features
@@ -169,9 +169,9 @@ def main() -> None:
                     help="MoCo: leave queued keys of a query's own video out of its negatives")
     ap.add_argument("--cluster-fraction", type=float, default=None,
                     help="ClusterContrast: clusters as a share of N (default: its own, 0.1)")
-    ap.add_argument("--cc-clustering", choices=("default", "finch", "ward"),
+    ap.add_argument("--cc-clustering", choices=("default", "finch", "average"),
                     default="default", help="ClusterContrast: its agglomerative default "
-                    "(average linkage), FINCH's finest level, or ward linkage")
+                    "(ward linkage), FINCH's finest level, or average linkage")
     ap.add_argument("--cc-features", choices=("backbone", "projection"), default=None,
                     help="ClusterContrast: features clustered (default: its own, backbone)")
     ap.add_argument("--hard-fraction", type=float, default=0.05,

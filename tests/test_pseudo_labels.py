@@ -246,9 +246,12 @@ def test_method_specific_defaults_follow_only_their_own_clustering_method():
 
     m = ClusterContrast(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16}, queue_size=8)
     feats = np.random.default_rng(0).normal(size=(60, 8)).astype(np.float32)
-    # its own method: agglomerative, N / 10 clusters, average linkage
+    # its own method: agglomerative, N / 10 clusters, ward linkage
     labels, diag = PseudoLabels().cluster(feats, m)
     assert diag["method"] == "agglomerative" and labels.max() + 1 == 6
+    assert diag["linkage"] == "ward"
+    ward = clustering.cluster(feats, "agglomerative", num_clusters=6, linkage="ward").labels
+    assert np.array_equal(labels, ward)
     assert PseudoLabels(method="agglomerative").setting("cluster_fraction", m) == 0.1
     # another method: none of the agglomerative settings leak into it (linkage used to reach
     # finch() as an unknown argument, and N / 10 became FINCH's req_clust)

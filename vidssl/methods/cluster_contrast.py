@@ -45,12 +45,17 @@ class ClusterContrast(MoCo):
 
     Defaults and sources:
 
-    - pseudo-labels (``pseudo_label_defaults``): agglomerative clustering (average linkage,
-      cosine) of the backbone features into ``N / 10`` clusters, every 5 epochs from epoch 0.
-      Over-clustering keeps clusters pure (a false positive costs more than a missed one: the
-      hard-negative filter already spares near neighbours); ``N / 10`` is a choice of this
-      library, not a published value: set ``num_clusters``, ``cluster_fraction`` or
-      ``distance_threshold`` on ``PseudoLabels`` for your data.
+    - pseudo-labels (``pseudo_label_defaults``): agglomerative clustering (ward linkage on the
+      L2-normalised features, i.e. cosine) of the backbone features into ``N / 10`` clusters,
+      every 5 epochs from epoch 0. Over-clustering keeps clusters pure (a false positive costs
+      more than a missed one: the hard-negative filter already spares near neighbours).
+      ``N / 10`` and ward are choices of this library, not published values: set
+      ``num_clusters``, ``cluster_fraction``, ``distance_threshold`` or ``clustering_kwargs``
+      on ``PseudoLabels`` for your data. Ward rather than average linkage: on the synthetic
+      collection average linkage of a young network's features made one giant cluster (up to
+      121 of 168 videos) whose labels got worse over training, while ward's clusters stayed
+      balanced and got purer in 3 of 3 seeds; R@1 differed within noise
+      (docs/benchmarks.md, 2026-12-01).
     - ``hard_fraction=0.05``, ``drop_fraction=0.001``: Cai et al. 2020 (above).
     - ``temperature=0.2``, head (2-layer MLP, no BN), ``ema_momentum=0.999``, SGD ``lr=0.03``,
       momentum 0.9, weight decay 1e-4, cosine schedule: MoCo v2 (facebookresearch/moco).
@@ -72,7 +77,7 @@ class ClusterContrast(MoCo):
         "start_epoch": 0,
         "features": "backbone",
         "cluster_fraction": 0.1,
-        "clustering_kwargs": {"linkage": "average"},
+        "clustering_kwargs": {"linkage": "ward"},
     }
 
     def __init__(
