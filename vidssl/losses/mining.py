@@ -15,6 +15,7 @@ from vidssl.losses.triplet import triplet_margin_cosine
 
 __all__ = [
     "TripletSelection",
+    "check_negative_fractions",
     "cluster_contrastive_loss",
     "cluster_triplet_loss",
     "hard_negative_mask",
@@ -167,6 +168,14 @@ def temporal_discrimination_loss(
     return triplet_margin_cosine(anchor, anchor_again, positive, margin)
 
 
+def check_negative_fractions(keep_fraction: float, drop_fraction: float) -> None:
+    """Raise ``ValueError`` unless ``0 < keep_fraction <= 1`` and ``0 <= drop_fraction < 1``."""
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}.")
+    if not 0.0 <= drop_fraction < 1.0:
+        raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}.")
+
+
 def hard_negative_mask(
     similarity: torch.Tensor,
     negative_mask: torch.Tensor,
@@ -180,6 +189,8 @@ def hard_negative_mask(
     sufficient, the very hardest 0.1 % unnecessary and sometimes harmful (they are mostly the
     query's own class). With ``n`` negatives in a row (most similar first), the
     ``floor(drop_fraction * n)`` hardest are dropped and the next ``ceil(keep_fraction * n)`` kept.
+    Only the hardest ``drop + keep`` of each row are ranked (``topk``, not a full sort: the
+    ``PseudoLabels`` diagnostic calls this on rows of a whole feature bank).
 
     Args:
         similarity: ``B x K`` query-key similarities (higher is harder).
@@ -190,19 +201,21 @@ def hard_negative_mask(
     Returns:
         ``B x K`` bool mask of the kept negatives.
     """
-    if not 0.0 < keep_fraction <= 1.0:
-        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}.")
-    if not 0.0 <= drop_fraction < 1.0:
-        raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}.")
+    check_negative_fractions(keep_fraction, drop_fraction)
     with torch.no_grad():
         n = negative_mask.sum(dim=1, keepdim=True)
-        score = torch.where(negative_mask, similarity, torch.full_like(similarity, -float("inf")))
-        order = score.argsort(dim=1, descending=True, stable=True)
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
         drop = torch.floor(n * drop_fraction).long()
         keep = torch.ceil(n * keep_fraction).long()
-        return negative_mask & (rank >= drop) & (rank < drop + keep)
+        k = min(int((drop + keep).max()), similarity.shape[1]) if n.numel() else 0
+        kept = torch.zeros_like(negative_mask)
+        if k == 0:
+            return kept
+        score = torch.where(negative_mask, similarity, torch.full_like(similarity, -float("inf")))
+        top = torch.topk(score, k, dim=1).indices  # hardest first
+        rank = torch.arange(k, device=top.device)[None, :]
+        kept.scatter_(1, top, (rank >= drop) & (rank < drop + keep))
+        # Rows with fewer negatives than k rank non-negatives (-inf) too: masked out here.
+        return negative_mask & kept
 
 
 def cluster_contrastive_loss(
