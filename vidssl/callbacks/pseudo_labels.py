@@ -110,7 +110,7 @@ def hard_negative_fn_rate(
         drop_fraction: share of the very hardest skipped first, in ``[0, 1)``.
         max_anchors: anchors scored (a random subset above this; 512 gives the rate to about
             +-0.02), bounding the cost to ``max_anchors x N`` similarities and their top
-            ``fraction`` (about 3 s at N = 240k on 2 CPU cores).
+            ``fraction`` (about 12 s at N = 240k on 2 CPU cores).
         chunk_size: at most this many anchors per matrix product, fewer on a large bank so
             that a chunk's similarities stay near 2^23 entries.
         seed: seed of the anchor subset.

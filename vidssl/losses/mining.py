@@ -189,8 +189,6 @@ def hard_negative_mask(
     sufficient, the very hardest 0.1 % unnecessary and sometimes harmful (they are mostly the
     query's own class). With ``n`` negatives in a row (most similar first), the
     ``floor(drop_fraction * n)`` hardest are dropped and the next ``ceil(keep_fraction * n)`` kept.
-    Only the hardest ``drop + keep`` of each row are ranked (``topk``, not a full sort: the
-    ``PseudoLabels`` diagnostic calls this on rows of a whole feature bank).
 
     Args:
         similarity: ``B x K`` query-key similarities (higher is harder).
@@ -206,16 +204,12 @@ def hard_negative_mask(
         n = negative_mask.sum(dim=1, keepdim=True)
         drop = torch.floor(n * drop_fraction).long()
         keep = torch.ceil(n * keep_fraction).long()
-        k = min(int((drop + keep).max()), similarity.shape[1]) if n.numel() else 0
-        kept = torch.zeros_like(negative_mask)
-        if k == 0:
-            return kept
         score = torch.where(negative_mask, similarity, torch.full_like(similarity, -float("inf")))
-        top = torch.topk(score, k, dim=1).indices  # hardest first
-        rank = torch.arange(k, device=top.device)[None, :]
-        kept.scatter_(1, top, (rank >= drop) & (rank < drop + keep))
-        # Rows with fewer negatives than k rank non-negatives (-inf) too: masked out here.
-        return negative_mask & kept
+        # A stable sort: equal similarities rank by column, so the kept set is reproducible.
+        order = score.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(order.shape[1], device=order.device).expand_as(order))
+        return negative_mask & (rank >= drop) & (rank < drop + keep)
 
 
 def cluster_contrastive_loss(
