@@ -24,7 +24,14 @@ from vidssl.clustering import (
     merge_to_count,
     normalized_mutual_info,
 )
-from vidssl.clustering.neighbours import _rank_rows, _torch_topk_rows
+from vidssl.clustering import neighbours as neighbours_module
+from vidssl.clustering.neighbours import (
+    _faiss_exact_topk,
+    _rank_rows,
+    _torch_topk_rows,
+    exact_topk,
+    normalize_rows,
+)
 
 sklearn_metrics = pytest.importorskip("sklearn.metrics")
 
@@ -185,6 +192,95 @@ def test_exact_neighbours_match_brute_force_and_torch_path():
     torch_nn, _ = first_neighbours(x, device="cpu", chunk_size=257)
     assert np.mean(faiss_nn == expected) == 1.0
     np.testing.assert_array_equal(torch_nn, faiss_nn)
+
+
+def unit_rows(x):
+    return np.ascontiguousarray(normalize_rows(x), dtype=np.float32)
+
+
+def with_duplicates(seed):
+    """Blobs where a tenth of the rows are exact copies of other rows (up to 9 copies each)."""
+    x, _ = blobs(3000, 32, 30, seed)
+    rng = np.random.default_rng(seed)
+    src = rng.choice(3000, 60, replace=False)
+    copies = np.repeat(x[src], rng.integers(1, 10, 60), axis=0)
+    x = np.concatenate([x, copies])
+    return x[rng.permutation(len(x))]
+
+
+def tiny_clusters_and_singletons(seed):
+    """A few big blobs, many clusters of 2-3 rows and isolated single rows."""
+    big, _ = blobs(2000, 48, 8, seed, spread=0.2)
+    small, _ = blobs(600, 48, 250, seed + 1, spread=0.05)
+    single = np.random.default_rng(seed).standard_normal((77, 48)).astype(np.float32)
+    return np.concatenate([big, small, single])
+
+
+def assert_same_topk(xn, brute, pruned):
+    """Same top-k as brute force: similarities within float32 rounding, same neighbour sets
+    except where the k-th similarity is tied (within rounding) with a row left out."""
+    (s0, i0), (s1, i1) = brute, pruned
+    assert s1.dtype == np.float32 and i1.dtype == np.int64 and s1.shape == s0.shape
+    assert np.all(np.diff(s1, axis=1) <= 0)  # descending
+    np.testing.assert_allclose(s1, s0, rtol=0, atol=2e-6)
+    x64 = xn.astype(np.float64)
+    exact = np.einsum("nd,nkd->nk", x64, x64[i1])  # the returned pairs are consistent
+    np.testing.assert_allclose(s1, exact, rtol=0, atol=2e-6)
+    for row in np.flatnonzero((np.sort(i0, 1) != np.sort(i1, 1)).any(1)):
+        odd = np.setxor1d(i0[row], i1[row])
+        assert np.abs(x64[odd] @ x64[row] - s0[row, -1]).max() <= 2e-6, row
+    return np.mean((np.sort(i0, 1) == np.sort(i1, 1)).all(1))
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["tight", "loose", "duplicates", "tiny clusters", "odd n"],
+)
+def test_pruned_topk_equals_brute_force(case):
+    x = {
+        "tight": lambda: blobs(3000, 64, 40, 20, spread=0.2)[0],
+        "loose": lambda: blobs(2500, 16, 25, 21, spread=0.8)[0],
+        "duplicates": lambda: with_duplicates(22),
+        "tiny clusters": lambda: tiny_clusters_and_singletons(23),
+        "odd n": lambda: blobs(2999, 24, 37, 24)[0],
+    }[case]()
+    xn = unit_rows(x)
+    for k in (4, 9):
+        sims, idx, info = exact_topk(xn, k, prune_min_points=0, prune_max_share=1.0)
+        assert info["path"] == "pruned" and 0 < info["share"] < 1
+        agree = assert_same_topk(xn, _faiss_exact_topk(xn, k), (sims, idx))
+        assert agree > 0.99 if case != "duplicates" else agree > 0.9
+
+
+def test_exact_search_prunes_only_when_it_pays():
+    rng = np.random.default_rng(25)
+    uniform = unit_rows(rng.standard_normal((4000, 256)).astype(np.float32))  # no structure
+    _, _, info = exact_topk(uniform, 4, prune_min_points=0)
+    assert info["path"] == "brute" and info["share"] > neighbours_module.PRUNE_MAX_SHARE
+    tight = unit_rows(blobs(4000, 256, 40, 26, spread=0.3)[0])
+    sims, idx, info = exact_topk(tight, 4, prune_min_points=0)
+    assert info["path"] == "pruned" and info["share"] < 0.1
+    assert_same_topk(tight, _faiss_exact_topk(tight, 4), (sims, idx))
+    _, _, info = exact_topk(tight, 4)  # below PRUNE_MIN_POINTS: brute force, nothing tried
+    assert info["path"] == "brute" and info["share"] is None
+    # zero rows (angle undefined) are searched by brute force
+    _, _, info = exact_topk(np.concatenate([tight, np.zeros((1, 256), np.float32)]), 4,
+                            prune_min_points=0, prune_max_share=1.0)
+    assert info["path"] == "brute"
+
+
+def test_first_neighbours_and_finch_unchanged_by_pruning(monkeypatch):
+    x = with_duplicates(27)
+    for data in (x, x.astype(np.float64)):
+        np.testing.assert_array_equal(
+            first_neighbours(data, prune_min_points=0, prune_max_share=1.0)[0],
+            first_neighbours(data)[0],
+        )
+    x, _ = blobs(3000, 32, 20, 0)
+    ref, ref_nums, _ = reference_finch(x)
+    monkeypatch.setattr(neighbours_module, "PRUNE_MIN_POINTS", 0)
+    monkeypatch.setattr(neighbours_module, "PRUNE_MAX_SHARE", 1.0)
+    np.testing.assert_array_equal(finch(x).partitions, ref)
 
 
 def test_rank_slices_cover_the_bank_once_and_simulated_ranks_agree():

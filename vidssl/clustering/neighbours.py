@@ -108,6 +108,260 @@ def _faiss_exact_topk(xn: np.ndarray, k: int, rows: Optional[np.ndarray] = None)
     return sims, idx.astype(np.int64)
 
 
+# --- exact top-k with certified pruning ---------------------------------------------------------
+
+#: Banks with fewer rows are searched by brute force (one faiss product is cheap there).
+PRUNE_MIN_POINTS = 10_000
+#: Largest share of the N x N products the pruned search may need before brute force is used.
+PRUNE_MAX_SHARE = 0.4
+_PRUNE_BLOCK = 256  # query rows per block (a cluster, or a slice of a large one)
+_PRUNE_COLUMNS = 8192  # bank rows per matrix product inside a block (bounds the memory)
+_KMEANS_ITER = 4
+_KMEANS_SAMPLE = 16  # training points per centroid
+
+
+def _float32_dot_error(d: int) -> float:
+    """Bound on ``|fl(x . y) - x . y| / (|x| |y|)`` for float32 vectors of length ``d``.
+
+    The classic bound ``gamma_d = d u / (1 - d u)``, ``u = 2^-24``, holds for any summation order
+    (BLAS blocking, FMA, several accumulators), so for faiss's and numpy's products alike.
+    """
+    du = d * 2.0**-24
+    return du / (1.0 - du)
+
+
+def _row_norms64(x: np.ndarray, step: int = 8192) -> np.ndarray:
+    """Euclidean norms of the rows of ``x`` computed in float64, a chunk of rows at a time."""
+    out = np.empty(x.shape[0], dtype=np.float64)
+    for lo in range(0, x.shape[0], step):
+        c = x[lo : lo + step].astype(np.float64)
+        out[lo : lo + step] = np.sqrt(np.einsum("ij,ij->i", c, c))
+    return out
+
+
+def _spherical_partition(xn: np.ndarray, num_clusters: int, seed: int) -> np.ndarray:
+    """Centroids of a cheap spherical k-means on a sample of ``xn`` (``K x D`` float32).
+
+    Only the speed of the pruned search depends on them, never its result.
+    """
+    import faiss
+
+    n, d = xn.shape
+    rng = np.random.default_rng(seed)
+    sample = xn[np.sort(rng.choice(n, size=min(n, _KMEANS_SAMPLE * num_clusters), replace=False))]
+    km = faiss.Kmeans(
+        d, num_clusters, niter=_KMEANS_ITER, spherical=True, seed=seed, verbose=False,
+        min_points_per_centroid=1, max_points_per_centroid=_KMEANS_SAMPLE,
+    )
+    km.train(np.ascontiguousarray(sample))
+    return np.ascontiguousarray(km.centroids, dtype=np.float32)
+
+
+def _block_topk(
+    xn: np.ndarray, queries: np.ndarray, bank: np.ndarray, k: int, floor: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` inner products of rows ``queries`` among rows ``bank`` of ``xn``.
+
+    Only products ``>= floor`` (one value per query) are ranked: the caller guarantees at least
+    ``k`` of them per query, which keeps the ranking to a few entries per row instead of a
+    partial sort of the whole block. Returns float32 similarities (descending, ties by index)
+    and int64 row indices of ``xn``.
+    """
+    q = xn[queries]
+    rows, cols, vals = [], [], []
+    for lo in range(0, len(bank), _PRUNE_COLUMNS):
+        ids = bank[lo : lo + _PRUNE_COLUMNS]
+        prod = q @ xn[ids].T
+        r, c = np.nonzero(prod >= floor[:, None])
+        rows.append(r)
+        cols.append(ids[c])
+        vals.append(prod[r, c])
+    r, c, v = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
+    order = np.lexsort((c, -v, r))  # by query, then similarity descending, then index
+    r, c, v = r[order], c[order], v[order]
+    start = np.searchsorted(r, np.arange(len(queries)))
+    if np.any(np.diff(np.append(start, len(r))) < k):
+        raise AssertionError("pruned search: fewer than k candidates above the floor")
+    take = start[:, None] + np.arange(k)
+    return v[take], c[take].astype(np.int64)
+
+
+def _pruned_exact_topk(
+    xn: np.ndarray,
+    k: int,
+    *,
+    max_share: float = PRUNE_MAX_SHARE,
+    num_clusters: Optional[int] = None,
+    seed: int = 0,
+) -> Tuple[Optional[np.ndarray], Optional[np.ndarray], dict]:
+    """Exact top-``k`` inner products of the unit rows ``xn`` with each other, pruned by clusters.
+
+    The rows are split by a cheap spherical k-means; each cluster ``c`` gets its angular radius
+    ``r_c`` (the largest angle between its centroid and an actual member). A block of queries
+    first searches its own cluster (plus the nearest clusters if that holds fewer than ``k``
+    rows), which gives each query ``x`` a ``k``-th best similarity ``t_x``. By the triangle
+    inequality on the sphere, every member ``y`` of ``c`` has ``angle(x, y) >= angle(x, c) -
+    r_c``, so a cluster with ``angle(x, c) - r_c > arccos(t_x - margin)`` for every query of the
+    block cannot hold any of their top ``k`` and is skipped; the rest are searched exactly.
+    ``margin`` covers float32 rounding of every product involved (see below), so the result is
+    the exact top-``k`` of the whole bank, whatever the k-means quality.
+
+    When the bounds leave more than ``max_share`` of the ``N x N`` products to do, returns
+    ``(None, None, info)`` and the caller searches by brute force. ``info`` holds ``path``,
+    ``share`` (products the pruned search does or would do, as a share of ``N x N``),
+    ``clusters`` and ``margin``.
+    """
+    n, d = xn.shape
+    info: dict = {"path": "brute", "share": None, "clusters": 0, "margin": None}
+    norms = _row_norms64(xn)
+    # Rows must be unit vectors up to rounding (angles of zero rows are undefined).
+    delta = float(np.abs(norms - 1.0).max()) if n else 0.0
+    if delta > 1e-3:
+        info["reason"] = "rows not normalised"
+        return None, None, info
+    num = num_clusters or int(math.ceil(2 * math.sqrt(n)))
+    num = max(1, min(num, n // 8))
+    t0 = time.perf_counter()
+    cent = _spherical_partition(xn, num, seed)
+    info["kmeans_seconds"] = time.perf_counter() - t0
+    cnorm = _row_norms64(cent)
+    gamma = _float32_dot_error(d)
+    # Margin on the k-th best similarity t_x. With e = gamma (1 + delta)^2 the float32 error of
+    # one product of two rows, and 2 delta + delta^2 the gap between a product and the cosine of
+    # the angle: a pruned y has cos(x, y) < t_x - margin, so its true product is < t_x - 3e -
+    # delta, its computed one (ours or faiss's) < t_x - 2e, below the computed product of each
+    # of the k candidates behind t_x (>= t_x - 2e). So brute force would not rank it in the top k
+    # either. 1e-9 covers float64 rounding in the angles.
+    e = gamma * (1.0 + delta) ** 2
+    margin = 3.0 * e + 3.0 * delta + 1e-9
+    info.update(clusters=num, margin=margin)
+
+    # Assignment to the highest-inner-product centroid, and each cluster's angular radius from
+    # its actual members, in float64 (minus a slack that can only make the radius larger).
+    assign = np.empty(n, dtype=np.int64)
+    step = max(1, 2**22 // max(1, num))
+    for lo in range(0, n, step):
+        assign[lo : lo + step] = np.argmax(xn[lo : lo + step] @ cent.T, axis=1)
+    radius = np.zeros(num, dtype=np.float64)
+    cent64 = cent.astype(np.float64)
+    for lo in range(0, n, 8192):
+        a = assign[lo : lo + 8192]
+        cos = np.einsum("ij,ij->i", xn[lo : lo + 8192].astype(np.float64), cent64[a])
+        cos = cos / (norms[lo : lo + 8192] * cnorm[a]) - 1e-12
+        np.maximum.at(radius, a, np.arccos(np.clip(cos, -1.0, 1.0)))
+    cos_r = (np.cos(radius) * cnorm).astype(np.float32)
+    sin_r = (np.sin(radius) * cnorm).astype(np.float32)
+    # |x . c| for float32 rows is within gamma |x| |c| of the exact value; 1e-6 covers the
+    # float32 rounding of the factors and of the two updates of `prod` below (each < 1e-7).
+    slack = np.float32(gamma * (1.0 + delta) * cnorm.max() + 1e-6)
+    order = np.argsort(assign, kind="stable")
+    bounds = np.searchsorted(assign[order], np.arange(num + 1))
+    sizes = np.diff(bounds)
+    members = [order[bounds[c] : bounds[c + 1]] for c in range(num)]
+    # Clusters nearest to each centroid, for blocks whose own cluster holds fewer than k rows.
+    near = np.argsort(-(cent @ cent.T), axis=1, kind="stable")
+
+    # Plan: per block, its first candidate clusters, its t_x, and the clusters it must search.
+    plan = []
+    work = planned = 0
+    # Clusters in a random order, so that the work planned so far extrapolates to the whole
+    # bank: planning stops as soon as the pruned search clearly would not pay.
+    for c in np.random.default_rng(seed).permutation(num):
+        if sizes[c] == 0:
+            continue
+        if work > max_share * n * n or (
+            planned >= n // 8 and work * n / planned > 2 * max_share * n * n
+        ):
+            info["share"] = work / planned / n
+            info["share_estimated"] = True
+            info["plan_only_seconds"] = time.perf_counter() - t0
+            return None, None, info
+        first = [c]
+        total = sizes[c]
+        for other in near[c]:
+            if total >= k:
+                break
+            if other != c and sizes[other]:
+                first.append(int(other))
+                total += sizes[other]
+        first_rows = np.concatenate([members[j] for j in first])
+        for lo in range(0, sizes[c], _PRUNE_BLOCK):
+            queries = members[c][lo : lo + _PRUNE_BLOCK]
+            prod = xn[queries] @ xn[first_rows].T
+            kth = -np.partition(-prod, k - 1, axis=1)[:, k - 1].astype(np.float64)
+            # Cluster c may hold a top-k row of x iff angle(x, c) <= phi_x + r_c, i.e.
+            # cos(x, c) >= cos(phi_x + r_c) = cos(phi) cos(r) - sin(phi) sin(r) while
+            # phi_x + r_c <= pi (always kept beyond). The norms are folded into the factors and
+            # the float32 product's error bound into `slack`, so that the test reads
+            # `x . c >= a_x u_c - b_x v_c - slack` on float32 products.
+            cos_phi = np.clip(kth - margin, -1.0, 1.0)
+            qn = norms[queries]
+            a = (cos_phi * qn).astype(np.float32)
+            b = (np.sqrt(1.0 - cos_phi**2) * qn).astype(np.float32)
+            prod = xn[queries] @ cent.T
+            prod -= np.multiply.outer(a, cos_r)
+            prod += np.multiply.outer(b, sin_r)
+            keep = (prod >= -slack).any(axis=0)
+            keep |= np.arccos(cos_phi).max() >= np.pi - radius - 1e-9
+            keep[first] = True
+            keep &= sizes > 0
+            searched = np.flatnonzero(keep)
+            plan.append((queries, searched, kth))
+            work += len(queries) * int(sizes[searched].sum())
+            planned += len(queries)
+    share = work / float(n) ** 2
+    info["plan_only_seconds"] = time.perf_counter() - t0
+    info["share"] = share
+    if share > max_share:
+        return None, None, info
+    sims = np.empty((n, k), dtype=np.float32)
+    idx = np.empty((n, k), dtype=np.int64)
+    for queries, searched, kth in plan:
+        bank = np.concatenate([members[c] for c in searched])
+        # Floor 2e below t_x: keeps the k candidates behind t_x whatever the rounding of this
+        # product, and everything that can rank above them.
+        floor = np.nextafter((kth - 2.0 * e).astype(np.float32), np.float32(-np.inf))
+        sims[queries], idx[queries] = _block_topk(xn, queries, bank, k, floor)
+    info["path"] = "pruned"
+    info["search_seconds"] = time.perf_counter() - t0 - info["plan_only_seconds"]
+    return sims, idx, info
+
+
+def exact_topk(
+    xn: np.ndarray,
+    k: int,
+    *,
+    prune_min_points: Optional[int] = None,
+    prune_max_share: Optional[float] = None,
+) -> Tuple[np.ndarray, np.ndarray, dict]:
+    """Exact top-``k`` inner products among the unit rows ``xn``: pruned search or brute force.
+
+    Banks of at least ``prune_min_points`` rows (default :data:`PRUNE_MIN_POINTS`) try
+    :func:`_pruned_exact_topk`, which falls back to faiss brute force when its bounds leave more
+    than ``prune_max_share`` (default :data:`PRUNE_MAX_SHARE`) of the products to do. Same
+    contract as faiss: float32 similarities in descending order, int64 indices, each row
+    itself among its candidates. Returns ``(sims, idx, info)``, ``info["path"]`` being
+    ``"pruned"`` or ``"brute"``.
+    """
+    min_points = PRUNE_MIN_POINTS if prune_min_points is None else prune_min_points
+    max_share = PRUNE_MAX_SHARE if prune_max_share is None else prune_max_share
+    n = xn.shape[0]
+    info: dict = {"path": "brute", "share": None}
+    if n >= max(min_points, 2 * k):
+        t0 = time.perf_counter()
+        sims, idx, info = _pruned_exact_topk(xn, k, max_share=max_share)
+        info["plan_seconds"] = time.perf_counter() - t0
+        if sims is not None:
+            log.debug("exact top-%d of %d rows: pruned search, %.3f of the N x N products, "
+                      "%d clusters, %.2fs", k, n, info["share"], info["clusters"],
+                      info["plan_seconds"])
+            return sims, idx, info
+        log.debug("exact top-%d of %d rows: brute force (pruned share would be %s, limit %.2f;"
+                  " deciding took %.2fs)", k, n, info["share"], max_share, info["plan_seconds"])
+    sims, idx = _faiss_exact_topk(xn, k)
+    return sims, idx, info
+
+
 def build_approximate_index(
     xn: np.ndarray,
     method: str,
@@ -196,6 +450,8 @@ def first_neighbours(
     chunk_size: int = 4096,
     approx_min_points: int = 20_000,
     index_kwargs: Optional[dict] = None,
+    prune_min_points: Optional[int] = None,
+    prune_max_share: Optional[float] = None,
 ) -> Tuple[np.ndarray, np.ndarray]:
     """First neighbour (nearest other row under cosine distance) of every row of ``x``.
 
@@ -214,6 +470,11 @@ def first_neighbours(
         approx_min_points: banks smaller than this are searched exactly even when ``neighbours``
             asks for an approximate index (exact search is cheap there).
         index_kwargs: keyword arguments of :func:`build_approximate_index`.
+        prune_min_points: exact CPU search (``device=None``) of banks of at least this many
+            rows (default :data:`PRUNE_MIN_POINTS`) skips clusters of rows that provably hold
+            no top candidate (see :func:`exact_topk`); the result is exact either way.
+        prune_max_share: the pruned search is used only when it leaves at most this share of
+            the ``N x N`` products to do (default :data:`PRUNE_MAX_SHARE`); else brute force.
 
     Returns:
         ``(nn, dist)``: ``int64 N`` first-neighbour indices and their float32 cosine distances.
@@ -240,7 +501,9 @@ def first_neighbours(
     elif device is not None:
         sims, idx = _torch_topk(xn, k, device, chunk_size, distributed)
     else:
-        sims, idx = _faiss_exact_topk(xn, k)
+        sims, idx, info = exact_topk(
+            xn, k, prune_min_points=prune_min_points, prune_max_share=prune_max_share
+        )
     dist = _refine64(xn_ref, idx, row_ids) if precise else None
     nn, best, saturated = _pick_first(sims, idx, row_ids, dist)
     saturated &= k < n  # every row was a candidate: nothing lies beyond the list
