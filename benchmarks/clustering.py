@@ -2,7 +2,8 @@
 
 Every run happens in a fresh subprocess so that its peak RSS (``ru_maxrss``, which counts faiss
 and BLAS buffers that tracemalloc misses) belongs to that run alone. Features are Gaussian blobs
-on the unit sphere (``N / 100`` blobs), generated identically in every child from a seed.
+on the unit sphere (``N / 100`` blobs, noise of norm ``--spread`` around each unit centre),
+generated identically in every child from a seed.
 
     .venv/bin/python benchmarks/clustering.py --quick           # N = 5k, d = 128
     .venv/bin/python benchmarks/clustering.py                   # N = 10k..100k, d = 128, 512
@@ -47,15 +48,26 @@ def blobs(n: int, d: int, seed: int = 0, spread: float = 0.3) -> np.ndarray:
     return out
 
 
-def child(impl: str, n: int, d: int, out_path: str) -> None:
+def child(impl: str, n: int, d: int, out_path: str, spread: float = 0.3) -> None:
     """Run one implementation on one size and write a JSON record (and the labels)."""
-    x = blobs(n, d)
-    rec = {"impl": impl, "n": n, "d": d}
+    x = blobs(n, d, spread=spread)
+    rec = {"impl": impl, "n": n, "d": d, "spread": spread}
     # Each child imports only what its implementation needs, before the clock starts (importing
     # finch-clust with pynndescent installed JIT-compiles numba code for about a minute); the
     # imports' memory does count in the peak RSS.
     if impl.startswith("vidssl"):
+        import logging
+
         from vidssl.clustering import finch
+
+        # Which exact search level 0 took (pruned or brute force) and its share of the N x N
+        # products, from the debug log of vidssl.clustering.neighbours.
+        searches: list = []
+        handler = logging.Handler(logging.DEBUG)
+        handler.emit = lambda r: searches.append(r.getMessage())  # type: ignore[method-assign]
+        nb_log = logging.getLogger("vidssl.clustering.neighbours")
+        nb_log.setLevel(logging.DEBUG)
+        nb_log.addHandler(handler)
     elif impl == "finch-clust":
         warnings.simplefilter("ignore")
         from finch import FINCH
@@ -67,6 +79,7 @@ def child(impl: str, n: int, d: int, out_path: str) -> None:
         res = finch(x, neighbours="ivf" if impl == "vidssl-ivf" else "exact")
         partitions, nums = res.partitions, res.num_clusters
         rec["recall"] = res.first_neighbour_recall if impl == "vidssl-ivf" else 1.0
+        rec["search"] = next((m for m in searches if m.startswith("exact top-")), None)
     elif impl == "finch-clust":
         partitions, nums, _ = FINCH(x, verbose=False)
     rec["seconds"] = time.perf_counter() - t0
@@ -91,10 +104,11 @@ def child(impl: str, n: int, d: int, out_path: str) -> None:
         json.dump(rec, f)
 
 
-def run_child(impl: str, n: int, d: int, tmp: str, timeout: float):
+def run_child(impl: str, n: int, d: int, tmp: str, timeout: float, spread: float = 0.3):
     """Run :func:`child` in a fresh interpreter; return its record and labels (or None)."""
     path = os.path.join(tmp, f"{impl}-{n}-{d}")
-    cmd = [sys.executable, __file__, "--child", impl, str(n), str(d), path]
+    cmd = [sys.executable, __file__, "--child", impl, str(n), str(d), path, "--spread",
+           str(spread)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -120,19 +134,21 @@ def main() -> None:
     parser.add_argument("--dims", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--impls", nargs="+", default=["data", "vidssl", "finch-clust"])
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    parser.add_argument("--spread", type=float, default=0.3,
+                        help="norm of each blob's noise around its unit centre (larger: looser)")
     parser.add_argument("--child", nargs=4, metavar=("IMPL", "N", "D", "OUT"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         impl, n, d, out = args.child
-        child(impl, int(n), int(d), out)
+        child(impl, int(n), int(d), out, args.spread)
         return
     if args.quick:
         args.sizes, args.dims = [5_000], [128]
     from vidssl.clustering import adjusted_rand_index
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
-          f"load average before: {os.getloadavg()}")
+          f"load average before: {os.getloadavg()}; blob spread {args.spread}")
     header = (f"{'N':>8} {'d':>4} {'impl':<12} {'seconds':>8} {'x time':>7} {'cpu s':>8} "
               f"{'x cpu':>6} {'peak GB':>8} "
               f"{'x mem':>6} {'recall':>7} {'ARI L0':>7} {'ARI ~k':>7} {'load':>5}  levels")
@@ -142,7 +158,9 @@ def main() -> None:
             for n in args.sizes:
                 rows = {}
                 for impl in args.impls:
-                    rows[impl] = run_child(impl, n, d, tmp, args.timeout) + (os.getloadavg()[0],)
+                    rows[impl] = run_child(impl, n, d, tmp, args.timeout, args.spread) + (
+                        os.getloadavg()[0],
+                    )
                 # Reference for ratios: finch-clust when it ran, and exact vidssl for agreement.
                 base = rows.get("finch-clust", (None,))[0]
                 exact = rows.get("vidssl", (None, None))[1]
@@ -167,6 +185,8 @@ def main() -> None:
                           f"{rec['peak_rss_gb']:>8.3f} {ratio_m:>6} "
                           f"{'-' if recall is None else f'{recall:.4f}':>7} {ari0:>7} {arik:>7} "
                           f"{load:>5.2f}  {rec['num_clusters']}", flush=True)
+                    if rec.get("search"):
+                        print(f"{'':>14} level 0 search: {rec['search']}", flush=True)
     print(f"load average after: {os.getloadavg()}")
 
 
