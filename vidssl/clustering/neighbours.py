@@ -130,7 +130,7 @@ def _float32_dot_error(d: int) -> float:
     return du / (1.0 - du)
 
 
-def _row_norms64(x: np.ndarray, step: int = 8192) -> np.ndarray:
+def _row_norms64(x: np.ndarray, step: int = 2048) -> np.ndarray:
     """Euclidean norms of the rows of ``x`` computed in float64, a chunk of rows at a time."""
     out = np.empty(x.shape[0], dtype=np.float64)
     for lo in range(0, x.shape[0], step):
@@ -239,15 +239,15 @@ def _pruned_exact_topk(
     # Assignment to the highest-inner-product centroid, and each cluster's angular radius from
     # its actual members, in float64 (minus a slack that can only make the radius larger).
     assign = np.empty(n, dtype=np.int64)
-    step = max(1, 2**22 // max(1, num))
+    step = max(1, 2**20 // max(1, num))
     for lo in range(0, n, step):
         assign[lo : lo + step] = np.argmax(xn[lo : lo + step] @ cent.T, axis=1)
     radius = np.zeros(num, dtype=np.float64)
     cent64 = cent.astype(np.float64)
-    for lo in range(0, n, 8192):
-        a = assign[lo : lo + 8192]
-        cos = np.einsum("ij,ij->i", xn[lo : lo + 8192].astype(np.float64), cent64[a])
-        cos = cos / (norms[lo : lo + 8192] * cnorm[a]) - 1e-12
+    for lo in range(0, n, 2048):
+        a = assign[lo : lo + 2048]
+        cos = np.einsum("ij,ij->i", xn[lo : lo + 2048].astype(np.float64), cent64[a])
+        cos = cos / (norms[lo : lo + 2048] * cnorm[a]) - 1e-12
         np.maximum.at(radius, a, np.arccos(np.clip(cos, -1.0, 1.0)))
     cos_r = (np.cos(radius) * cnorm).astype(np.float32)
     sin_r = (np.sin(radius) * cnorm).astype(np.float32)
@@ -356,8 +356,9 @@ def exact_topk(
                       "%d clusters, %.2fs", k, n, info["share"], info["clusters"],
                       info["plan_seconds"])
             return sims, idx, info
+        share = "?" if info["share"] is None else f"{info['share']:.3f}"
         log.debug("exact top-%d of %d rows: brute force (pruned share would be %s, limit %.2f;"
-                  " deciding took %.2fs)", k, n, info["share"], max_share, info["plan_seconds"])
+                  " deciding took %.2fs)", k, n, share, max_share, info["plan_seconds"])
     sims, idx = _faiss_exact_topk(xn, k)
     return sims, idx, info
 
