@@ -219,7 +219,7 @@ def _pruned_exact_topk(
     norms = _row_norms64(xn)
     # Rows must be unit vectors up to rounding (angles of zero rows are undefined).
     delta = float(np.abs(norms - 1.0).max()) if n else 0.0
-    if delta > 1e-3:
+    if not delta <= 1e-3:  # also NaN
         info["reason"] = "rows not normalised"
         return None, None, info
     # About _PRUNE_ROWS_PER_CLUSTER rows per cluster (small clusters prune finely, and still make
@@ -232,11 +232,14 @@ def _pruned_exact_topk(
     cent = _spherical_partition(xn, num, seed)
     info["kmeans_seconds"] = time.perf_counter() - t0
     cnorm = _row_norms64(cent)
+    if not np.all(cnorm > 0.5):  # faiss normalises spherical centroids; never trust a NaN
+        info["reason"] = "degenerate centroids"
+        return None, None, info
     gamma = _float32_dot_error(d)
     # Margin on the k-th best similarity t_x. With e = gamma (1 + delta)^2 the float32 error of
     # one product of two rows, and 2 delta + delta^2 the gap between a product and the cosine of
-    # the angle: a pruned y has cos(x, y) < t_x - margin, so its true product is < t_x - 3e -
-    # delta, its computed one (ours or faiss's) < t_x - 2e, below the computed product of each
+    # the angle: a pruned y has cos(x, y) < t_x - margin, so its true product is < t_x - 3e
+    # (delta <= 1e-3), its computed one (ours or faiss's) < t_x - 2e, below the computed one of each
     # of the k candidates behind t_x (>= t_x - 2e). So brute force would not rank it in the top k
     # either. 1e-9 covers float64 rounding in the angles.
     e = gamma * (1.0 + delta) ** 2
@@ -256,6 +259,9 @@ def _pruned_exact_topk(
         cos = np.einsum("ij,ij->i", xn[lo : lo + 2048].astype(np.float64), cent64[a])
         cos = cos / (norms[lo : lo + 2048] * cnorm[a]) - 1e-12
         np.maximum.at(radius, a, np.arccos(np.clip(cos, -1.0, 1.0)))
+    if not np.all(np.isfinite(radius)):
+        info["reason"] = "non-finite radius"
+        return None, None, info
     # Centroids extended by two columns, cos(r_c) |c| and sin(r_c) |c|, for the test below.
     cent_ext = np.concatenate(
         [cent, (np.cos(radius) * cnorm)[:, None], (np.sin(radius) * cnorm)[:, None]], axis=1
