@@ -113,9 +113,9 @@ def _faiss_exact_topk(xn: np.ndarray, k: int, rows: Optional[np.ndarray] = None)
 #: Banks with fewer rows are searched by brute force (one faiss product is cheap there).
 PRUNE_MIN_POINTS = 10_000
 #: Largest share of the N x N products the pruned search may need before brute force is used
-#: (its block products run at about 0.4x the speed of faiss's brute force per product, so it
-#: stops paying near a share of 0.35-0.4).
-PRUNE_MAX_SHARE = 0.3
+#: (its block products, gathers included, run at about 0.3-0.4x the speed of faiss's brute force
+#: per product: on 2 cores it broke even at shares of 0.25-0.37 at 20k x 128 and 20k x 512).
+PRUNE_MAX_SHARE = 0.2
 _PRUNE_BLOCK = 256  # query rows per block (a cluster, or a slice of a large one)
 _PRUNE_COLUMNS = 8192  # bank rows per matrix product inside a block (bounds the memory)
 _PRUNE_ROWS_PER_CLUSTER = 80
@@ -175,7 +175,15 @@ def _block_topk(
     for lo in range(0, len(bank), _PRUNE_COLUMNS):
         ids = bank[lo : lo + _PRUNE_COLUMNS]
         prod = q @ xn[ids].T
-        r, c = np.nonzero(prod >= floor[:, None])
+        width = -(-len(ids) // 8) * 8
+        hit = np.zeros((len(queries), width), dtype=bool)
+        np.greater_equal(prod, floor[:, None], out=hit[:, : len(ids)])
+        # Hits are few (about k per row), and np.nonzero over every entry costs more than the
+        # product at small D: find the 8-byte words that hold a hit, then their bytes.
+        words = np.flatnonzero(hit.view(np.uint64))
+        flat = (words[:, None] * 8 + np.arange(8)).ravel()
+        flat = flat[hit.ravel()[flat]]
+        r, c = np.divmod(flat, width)
         rows.append(r)
         cols.append(ids[c])
         vals.append(prod[r, c])
