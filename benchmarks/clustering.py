@@ -10,7 +10,8 @@ generated identically in every child from a seed.
     .venv/bin/python benchmarks/clustering.py --sizes 1000000 --dims 128 --impls vidssl-ivf
 
 Implementations: ``data`` (only generates the features: the memory floor), ``vidssl`` (exact
-faiss first neighbours), ``vidssl-ivf`` (opt-in IVF index) and ``finch-clust`` (its defaults:
+first neighbours: the pruned exact search from 10k rows, else faiss brute force),
+``vidssl-ivf`` (opt-in IVF index) and ``finch-clust`` (its defaults:
 exact pairwise distances up to 20k points, pynndescent with k = 2 above; ``pip install
 pynndescent`` for that). ARI is taken against exact vidssl FINCH (itself identical to
 finch-clust where finch-clust is exact) on the finest level and the level nearest to the number
