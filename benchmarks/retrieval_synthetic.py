@@ -87,7 +87,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
         method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
-                                 hard_fraction=args.hard_fraction,
+                                 hard_fraction=args.hard_fraction, positives=args.cc_positives,
                                  drop_fraction=args.drop_fraction, bn_splits=args.bn_splits,
                                  **_optim(args), **_backbone(args))  # fmt: skip
         # --cc-clustering finch: FINCH's finest partition (SLIC's labels) instead of the default
@@ -174,6 +174,9 @@ def main() -> None:
                     "(ward linkage), FINCH's finest level, or average linkage")
     ap.add_argument("--cc-features", choices=("backbone", "projection"), default=None,
                     help="ClusterContrast: features clustered (default: its own, backbone)")
+    ap.add_argument("--cc-positives", choices=("cluster", "sampled"), default="cluster",
+                    help="ClusterContrast: every key of the query's pseudo-class, or only its "
+                    "sampled positive key")
     ap.add_argument("--hard-fraction", type=float, default=0.05,
                     help="ClusterContrast: share of negatives kept (Cai et al.: 0.05)")
     ap.add_argument("--drop-fraction", type=float, default=0.001,

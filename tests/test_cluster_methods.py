@@ -112,6 +112,35 @@ def test_cluster_contrast_loss_matches_masks_by_hand():
     assert torch.equal(hard_negative_mask(sim, ~pos, 0.5, 0.001), neg)
 
 
+def test_cluster_contrast_sampled_positives_by_hand():
+    # positives="sampled": one positive per query (its own row's key); the rest of its class is
+    # neither positive nor negative. Row 1's sampled key (video 2) is of another class here, as
+    # when labels change after sampling: it stays a positive and never becomes a negative.
+    torch.manual_seed(0)
+    m = ClusterContrast(backbone="r3d_18", backbone_kwargs=TINY, queue_size=0, hard_fraction=0.5,
+                        bn_splits=1, positives="sampled")
+    pseudo = torch.tensor([0, 0, 1, 1, 2, 2])
+    m.set_pseudo_labels(pseudo)
+    batch = _batch()
+    out = m.compute_loss(batch)
+    q = F.normalize(m.projection(m.backbone(batch["views"][0])), dim=1)
+    with torch.no_grad():
+        k = F.normalize(m.key_projection(m.key_backbone(batch["views"][1])), dim=1)
+    ql, kl = pseudo[batch["index"]], pseudo[batch["positive_index"]]
+    sim = (q @ k.t()).detach()
+    losses = []
+    for i in range(6):
+        cand = [j for j in range(6) if j != i and ql[i] != kl[j]]
+        cand.sort(key=lambda j: -sim[i, j].item())
+        negs = cand[: math.ceil(len(cand) * 0.5)]
+        logits = torch.stack([sim[i, i]] + [sim[i, j] for j in negs]) / 0.2
+        losses.append(-torch.log_softmax(logits.double(), 0)[0])
+    assert out["positives_per_query"].item() == 1.0
+    assert out["loss"].item() == pytest.approx(torch.stack(losses).mean().item(), abs=1e-5)
+    with pytest.raises(ValueError, match="cluster, sampled"):
+        ClusterContrast(backbone="r3d_18", backbone_kwargs=TINY, positives="class")
+
+
 def test_cluster_contrast_queue_wraps_and_follows_new_labels():
     m = ClusterContrast(backbone="r3d_18", backbone_kwargs=TINY, queue_size=8)
     for step in range(3):  # 6 keys per step into 8 slots
