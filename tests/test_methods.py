@@ -187,6 +187,7 @@ def test_moco_queue_remembers_videos_and_can_mask_own_keys():
     with torch.no_grad():
         plain = m.compute_loss(batch)
     torch.testing.assert_close(plain, info_nce(q, k, queue, m.temperature))
+    assert m.queue_index[:2].tolist() == [-1, -1]  # nothing reads them: not gathered, not stored
     # A batch without dataset indices: unknown videos (-1) in the queue; the mask needs them.
     del batch["index"]
     with torch.no_grad():

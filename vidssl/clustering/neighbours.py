@@ -526,7 +526,7 @@ def first_neighbours(
     elif device is not None:
         sims, idx = _torch_topk(xn, k, device, chunk_size, distributed)
     else:
-        sims, idx, info = exact_topk(
+        sims, idx, _ = exact_topk(
             xn, k, prune_min_points=prune_min_points, prune_max_share=prune_max_share
         )
     dist = _refine64(xn_ref, idx, row_ids) if precise else None

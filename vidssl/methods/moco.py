@@ -60,7 +60,7 @@ class MoCo(VideoSSLMethod):
             (docs/benchmarks.md).
         ema_momentum: key encoder momentum m.
         mask_own_video: leave the queued keys of a query's own video out of its negatives.
-            The queue remembers each key's dataset index for this. Off by default, as in MoCo.
+            The queue then remembers each key's dataset index. Off by default, as in MoCo.
             MoCo assumes many more videos than ``queue_size``. On a small dataset a query
             meets stale keys of its own video in the queue, and the loss pushes them away. At
             ``queue_size >= N`` every video's own keys are in the queue (UCF101's 9.5k
@@ -244,5 +244,6 @@ class MoCo(VideoSSLMethod):
             mask = self.queue_index[None, :] != index.long()[:, None]
         # The loss uses the queue as it was before this batch's keys go in.
         loss = info_nce(q, k, self.queue.clone(), self.temperature, negative_mask=mask)
-        self.enqueue(k, index)
+        # Only the mask reads the queued indices: without it, no all_gather of them per step.
+        self.enqueue(k, index if self.mask_own_video else None)
         return loss
