@@ -294,6 +294,67 @@ def test_rank_slices_cover_the_bank_once_and_simulated_ranks_agree():
     np.testing.assert_array_equal(np.concatenate([p[1].numpy() for p in parts]), whole[1].numpy())
 
 
+def rule_first_neighbours(x):
+    """The documented rule, computed independently: float64 products of the normalised rows
+    (as given), distances rounded to float32, lowest index among the least."""
+    xn = normalize_rows(x).astype(np.float64)
+    dist = np.clip(1.0 - xn @ xn.T, 0.0, 2.0).astype(np.float32)
+    np.fill_diagonal(dist, np.inf)
+    return np.argmin(dist, axis=1)
+
+
+def test_first_neighbours_follow_the_tie_rule_whatever_the_search_rounding(monkeypatch):
+    """A search whose similarities differ from the exact ones in the last float32 bits (another
+    CPU's BLAS kernel) must not change the result: duplicates go to the lowest index."""
+    x = with_duplicates(27)
+    expected = rule_first_neighbours(x)
+    rng = np.random.default_rng(0)
+    real = neighbours_module._faiss_exact_topk
+
+    def jittered(xn, k, rows=None):  # faiss's output, each similarity moved by 0-2 ulps
+        sims, idx = real(xn, k, rows)
+        sims = sims + rng.integers(-2, 3, sims.shape) * np.spacing(sims)
+        order = np.argsort(-sims, axis=1, kind="stable")
+        return np.take_along_axis(sims, order, 1), np.take_along_axis(idx, order, 1)
+
+    monkeypatch.setattr(neighbours_module, "_faiss_exact_topk", jittered)
+    for data in (x, x.astype(np.float64)):
+        np.testing.assert_array_equal(first_neighbours(data)[0], expected)
+
+
+_KERNEL_SCRIPT = """
+import sys; import numpy as np
+sys.path.insert(0, {tests!r})
+from test_clustering import with_duplicates
+from vidssl.clustering import first_neighbours
+x = with_duplicates(27)
+np.save(sys.argv[1], np.stack([first_neighbours(x, prune_min_points=0, prune_max_share=1.0)[0],
+                               first_neighbours(x)[0]]))
+"""
+
+
+@pytest.mark.skipif(
+    sys.platform != "linux" or "avx2" not in open("/proc/cpuinfo").read(),
+    reason="needs an x86-64 CPU with AVX2 to switch BLAS and faiss kernels",
+)
+def test_first_neighbours_equal_under_other_blas_and_faiss_kernels(tmp_path):
+    """Pruned and brute-force search give the rule's answer with OpenBLAS's and faiss's kernels
+    of older CPUs (AVX2 and SSE: another summation order than AVX-512)."""
+    import os
+    import subprocess
+
+    expected = rule_first_neighbours(with_duplicates(27))
+    script = _KERNEL_SCRIPT.format(tests=os.path.dirname(__file__))
+    for blas, faiss_level in [("Haswell", "avx2"), ("Prescott", "generic")]:
+        out = tmp_path / f"{blas}.npy"
+        env = {**os.environ, "OPENBLAS_CORETYPE": blas, "FAISS_OPT_LEVEL": faiss_level}
+        subprocess.run([sys.executable, "-c", script, str(out)], env=env, check=True,
+                       timeout=120)
+        pruned, brute = np.load(out)
+        np.testing.assert_array_equal(pruned, expected, err_msg=blas)
+        np.testing.assert_array_equal(brute, expected, err_msg=blas)
+
+
 def _ddp_worker(rank, world, port, x, queue):
     import torch.distributed as dist
 

@@ -427,43 +427,66 @@ def build_approximate_index(
     raise ValueError(f"unknown approximate index {method!r}; choose one of 'ivf', 'hnsw'")
 
 
-def _pick_first(
-    sims: np.ndarray, idx: np.ndarray, row_ids: np.ndarray, dist: Optional[np.ndarray] = None
-) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """First neighbour of each row among its candidates: least distance, then lowest index.
+def _search_error(d: int) -> float:
+    """Bound on ``|s - p|`` for a float32 search similarity ``s`` of two stored unit rows.
 
-    ``dist`` (float32 cosine distances of the candidates) defaults to ``clip(1 - sims, 0, 2)``
-    in float32, the arithmetic of scikit-learn's ``cosine_distances`` that finch-clust uses.
-    Self and missing (-1) candidates are skipped. Returns the neighbours, their distances, and a
-    mask of rows whose candidates are all tied (a lower-index tie may lie beyond the list).
+    ``p`` is the exact product of the rows as stored (float32, or the float64 rows of a float64
+    input, of which the search sees the float32 rounding: ``4 u`` covers that). ``gamma_d``
+    (see :func:`_float32_dot_error`) holds for any summation order, hence for faiss, numpy's
+    BLAS and torch alike, on every CPU; 1 % covers rows whose norm is 1 only up to rounding.
     """
-    if dist is None:
-        dist = np.clip(np.float32(1.0) - sims, np.float32(0.0), np.float32(2.0))
-    dist = np.where((idx == row_ids[:, None]) | (idx < 0), np.inf, dist).astype(np.float32)
+    return 1.01 * _float32_dot_error(d) + 4 * 2.0**-24
+
+
+def _candidate_distances(
+    x_ref: np.ndarray, idx: np.ndarray, row_ids: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Cosine distances of the candidates ``idx`` of rows ``row_ids``, computed portably.
+
+    Each product is summed in float64 by numpy's pairwise summation over the feature axis, whose
+    order depends only on ``D`` (not on the CPU's vector width, the BLAS kernel or the memory
+    layout), then the distance ``clip(1 - p, 0, 2)`` is rounded to float32. Equal rows therefore
+    get bit-equal distances on every machine, and the tie rule (lowest index) decides between
+    them. For float32 rows the products are exact before summation. Returns ``(dist, sim)``:
+    float32 distances and float64 similarities, both ``rows x k``.
+    """
+    sim = np.empty(idx.shape, dtype=np.float64)
+    safe = np.where(idx < 0, 0, idx)
+    step = max(1, 2**22 // max(1, idx.shape[1] * x_ref.shape[1]))
+    for lo in range(0, len(row_ids), step):
+        hi = min(len(row_ids), lo + step)
+        a = x_ref[row_ids[lo:hi]].astype(np.float64)[:, None, :]
+        b = x_ref[safe[lo:hi]].astype(np.float64)
+        # np.multiply + sum, not einsum or matmul: their summation order follows the SIMD width.
+        sim[lo:hi] = np.multiply(a, b).sum(axis=-1)
+    dist = np.clip(1.0 - sim, 0.0, 2.0).astype(np.float32)
+    return dist, sim
+
+
+def _pick_first(
+    sims: np.ndarray, idx: np.ndarray, row_ids: np.ndarray, x_ref: np.ndarray
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """First neighbour of each row among its search candidates: least distance, lowest index.
+
+    ``sims`` (float32, descending) and ``idx`` are a top-``k`` search's output for rows
+    ``row_ids``; the candidates' distances are recomputed by :func:`_candidate_distances`, so the
+    choice never depends on the search's floating-point order. Self and missing (-1) candidates
+    are skipped. Returns the neighbours, their distances, and a mask of rows whose list may be
+    incomplete: a row outside the list has a search similarity at most the list's last one,
+    ``sims[:, -1]``, so its exact one is at most that plus :func:`_search_error`; when this can
+    reach the best candidate's (less a float32 ulp of the distance, within which two distances
+    round to the same value and tie), the row must be searched again with a longer list.
+    """
+    dist, sim = _candidate_distances(x_ref, idx, row_ids)
+    skip = (idx == row_ids[:, None]) | (idx < 0)
+    dist = np.where(skip, np.inf, dist).astype(np.float32)
     best = dist.min(axis=1)
     tied = dist == best[:, None]
     nn = np.where(tied, idx, np.iinfo(np.int64).max).min(axis=1)
-    valid = np.isfinite(dist)
-    # All valid candidates tied with the best one: the list may have cut a tie short.
-    saturated = (valid.sum(1) == tied.sum(1)) & (valid.sum(1) >= idx.shape[1] - 1)
-    return nn, best, saturated
-
-
-def _refine64(x64n: np.ndarray, idx: np.ndarray, row_ids: np.ndarray) -> np.ndarray:
-    """Cosine distances of candidates recomputed in float64 and rounded to float32.
-
-    finch-clust averages clusters into a float64 array (float32 sums over an int64 count), so
-    above level 0 its scikit-learn distances are float64 cast to float32; recomputing the few
-    candidates that way reproduces its ties and its argmin exactly.
-    """
-    out = np.empty(idx.shape, dtype=np.float32)
-    safe = np.where(idx < 0, 0, idx)
-    step = max(1, 2**22 // max(1, idx.shape[1] * x64n.shape[1]))
-    for lo in range(0, len(row_ids), step):
-        hi = min(len(row_ids), lo + step)
-        s = np.einsum("nd,nkd->nk", x64n[row_ids[lo:hi]], x64n[safe[lo:hi]])
-        out[lo:hi] = np.clip(1.0 - s, 0.0, 2.0).astype(np.float32)
-    return out
+    best_sim = np.where(skip, -np.inf, sim).max(axis=1)
+    reach = sims[:, -1].astype(np.float64) + _search_error(x_ref.shape[1]) + 2.0**-22
+    incomplete = (reach >= best_sim) & ~(idx < 0).any(axis=1)
+    return nn, best, incomplete
 
 
 def first_neighbours(
@@ -481,9 +504,10 @@ def first_neighbours(
     """First neighbour (nearest other row under cosine distance) of every row of ``x``.
 
     Args:
-        x: ``N x D`` features, float32 or float64 (not necessarily normalised). A float64 input
-            has its candidates' distances recomputed in float64, as finch-clust does for the
-            cluster means above level 0.
+        x: ``N x D`` features, float32 or float64 (not necessarily normalised). The search
+            runs on float32 rows; the candidates' distances are then recomputed from the rows
+            as given (float64 sums, rounded to float32), as finch-clust does for the cluster
+            means above level 0.
         neighbours: ``"exact"`` (default), or an approximate faiss index, ``"ivf"`` or
             ``"hnsw"``, for CPU-only scale (check :func:`first_neighbour_recall`).
         device: ``None`` for faiss on the CPU; a torch device (``"cuda"``, ``"cuda:1"``, ``"cpu"``)
@@ -503,8 +527,12 @@ def first_neighbours(
 
     Returns:
         ``(nn, dist)``: ``int64 N`` first-neighbour indices and their float32 cosine distances.
-        Ties are broken by the lowest index (like ``np.argmin`` over a distance row); a row
-        never is its own neighbour unless ``N == 1``.
+        The rule, the same on every CPU and search path: the least distance as computed by
+        :func:`_candidate_distances` (float64 sums in a fixed order, rounded to float32), ties
+        to the lowest index (like ``np.argmin`` over a distance row). Exact search re-searches
+        any row whose candidate list could hide a tie within its float32 rounding error, so the
+        floating-point order of faiss, BLAS or the pruned search never decides. A row never is
+        its own neighbour unless ``N == 1``.
     """
     if neighbours not in NEIGHBOUR_METHODS:
         valid = ", ".join(NEIGHBOUR_METHODS)
@@ -512,7 +540,6 @@ def first_neighbours(
     n = x.shape[0]
     if n == 1:
         return np.zeros(1, dtype=np.int64), np.full(1, np.inf, dtype=np.float32)
-    precise = x.dtype == np.float64
     xn_ref = normalize_rows(x)
     xn = np.ascontiguousarray(xn_ref, dtype=np.float32)
     row_ids = np.arange(n)
@@ -529,24 +556,24 @@ def first_neighbours(
         sims, idx, _ = exact_topk(
             xn, k, prune_min_points=prune_min_points, prune_max_share=prune_max_share
         )
-    dist = _refine64(xn_ref, idx, row_ids) if precise else None
-    nn, best, saturated = _pick_first(sims, idx, row_ids, dist)
-    saturated &= k < n  # every row was a candidate: nothing lies beyond the list
-    # Exact search only: rows whose candidate list is all ties are searched again with a longer
-    # list until the tie is resolved (duplicates), so the lowest tied index always wins.
-    while not approx and saturated.any() and k < min(n, _MAX_K):
+    nn, best, incomplete = _pick_first(sims, idx, row_ids, xn_ref)
+    incomplete &= k < n  # every row was a candidate: nothing lies beyond the list
+    # Exact search only: rows whose list may hide a tie or a nearer row (duplicates, or
+    # similarities within the search's rounding error of the k-th) are searched again with a
+    # longer list, so the result is the lowest index at the least portable distance.
+    while not approx and incomplete.any() and k < min(n, _MAX_K):
         k = min(n, _MAX_K, 4 * k)
-        rows = np.flatnonzero(saturated)
+        rows = np.flatnonzero(incomplete)
         s2, i2 = _faiss_exact_topk(xn, k, rows)
-        d2 = _refine64(xn_ref, i2, rows) if precise else None
-        nn2, best2, sat2 = _pick_first(s2, i2, rows, d2)
+        nn2, best2, inc2 = _pick_first(s2, i2, rows, xn_ref)
         nn[rows], best[rows] = nn2, best2
-        saturated = np.zeros(n, dtype=bool)
-        saturated[rows[sat2]] = k < n
-    if not approx and saturated.any():
+        incomplete = np.zeros(n, dtype=bool)
+        incomplete[rows[inc2]] = k < n
+    if not approx and incomplete.any():
         log.warning(
-            "%d rows have more than %d tied first neighbours; took the lowest tied index found",
-            int(saturated.sum()),
+            "%d rows have more than %d candidates tied (within float32 rounding) for their first"
+            " neighbour; took the lowest index at the least distance among them",
+            int(incomplete.sum()),
             _MAX_K,
         )
     log.debug("first neighbours of %d x %d in %.2fs", n, x.shape[1], time.perf_counter() - t0)
