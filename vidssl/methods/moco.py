@@ -231,6 +231,20 @@ class MoCo(VideoSSLMethod):
         self.queue_index[ptr : ptr + n] = index
         self.queue_ptr.fill_((ptr + n) % self.queue_size)
 
+    @torch.no_grad()
+    def remap_video_indices(self, old_to_new: torch.Tensor) -> None:
+        """Follow a change of the training videos: queued index ``i`` becomes ``old_to_new[i]``.
+
+        ``PseudoLabels`` calls it on resume when the training index changed, so queued keys
+        keep pointing at their own video; a key of a removed video (``-1``) becomes an unknown
+        video's key (``ClusterContrast`` leaves such slots out).
+        """
+        known = self.queue_index >= 0
+        mapping = old_to_new.to(self.queue_index.device).long()
+        old = self.queue_index[known].clamp(max=max(mapping.numel() - 1, 0))
+        new = mapping[old] if mapping.numel() else torch.full_like(old, -1)
+        self.queue_index[known] = new
+
     # ----------------------------------------------------------------- loss
     def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
         """InfoNCE of queries (view 0) against their keys (view 1) and the queue's negatives."""
