@@ -2,6 +2,7 @@
 
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -41,6 +42,11 @@ def _dm(root, **kw):
     )
 
 
+def _ids(dm, root):
+    """The training videos' paths relative to ``root``, in index order."""
+    return [Path(p).relative_to(root).as_posix() for p in dm.train_dataset.index.paths]
+
+
 def _model(cls=ClusterTriplet):
     torch.manual_seed(0)
     kw = dict(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16})
@@ -70,7 +76,8 @@ def test_unreadable_video_is_left_out_with_label_minus_one_and_never_a_positive(
         _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(
             _model(), datamodule=dm
         )
-    ids = list(dm.train_video_ids)
+    ids = _ids(dm, root)
+    assert list(dm.train_video_ids) == ids
     broken = ids.index(BROKEN)
     labels = cb.labels
     assert labels.shape == (13,) and labels[broken] == -1
@@ -135,7 +142,7 @@ def test_resume_after_one_video_added_and_one_removed_follows_identity(
     _trainer(tmp_path, [cb, ckpt], max_epochs=1, limit_train_batches=1).fit(
         _model(ClusterContrast), datamodule=dm
     )
-    saved = dict(zip(dm.train_video_ids, cb.labels.tolist()))
+    saved = dict(zip(_ids(dm, root), cb.labels.tolist()))
     # Remove the first video, add one that sorts last: same count, every position shifts.
     gone = "MoveLeft/v_MoveLeft_g01_c01.avi"
     (root / gone).unlink()
@@ -147,7 +154,7 @@ def test_resume_after_one_video_added_and_one_removed_follows_identity(
         _trainer(tmp_path, [cb2], max_epochs=2, limit_train_batches=1).fit(
             model, datamodule=dm2, ckpt_path=str(tmp_path / "ckpt/last.ckpt")
         )
-    ids = list(dm2.train_video_ids)
+    ids = _ids(dm2, root)
     assert len(ids) == len(saved) and gone not in ids and "MoveUp/zz_new.avi" in ids
     said = [r.getMessage() for r in caplog.records if "videos changed" in r.getMessage()]
     assert len(said) == 1
