@@ -107,7 +107,8 @@ def test_sigkill_mid_epoch_then_resume_last_restores_labels_queue_and_sampler(tm
     (tmp_path / "helpers_resume.py").write_text(HELPERS)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path)])}
     marker, probe = tmp_path / "held", tmp_path / "probe.pt"
-    hold = {"class_path": "helpers_resume.Hold", "init_args": {"at": HOLD_AT, "marker": str(marker)}}
+    hold = {"class_path": "helpers_resume.Hold",
+            "init_args": {"at": HOLD_AT, "marker": str(marker)}}
     first = _write(tmp_path, "first.yaml", _config(tmp_path, root / "UCF-101", [hold]))
     proc = subprocess.Popen([sys.executable, "-m", "vidssl", "fit", "--config", str(first)],
                             env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,

@@ -149,7 +149,7 @@ def _num_views(model: Any) -> int:
 
 
 def _resolve_last_checkpoint(trainer: Any) -> str:
-    """The newest ``last.ckpt`` of the run's log folder, for ``vidssl fit --ckpt_path last``.
+    """Return the newest ``last.ckpt`` of the run's log folder (``fit --ckpt_path last``).
 
     Lightning looks for ``last.ckpt`` in the new run's own ``version_N+1`` folder and silently
     starts over. This looks in every ``version_*/checkpoints/`` of the logger's folder

@@ -390,9 +390,12 @@ class PseudoLabels(pl.Callback):
     # -- checkpointed state -------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """The :class:`PseudoLabelState` (``labels``, ``keys``, ``labels_epoch``), diagnostics,
-        history, and ``sampler``: the training batch sampler's ``state_dict()`` plus
-        ``batches_done``, the batches of the current epoch finished when the checkpoint was made.
+        """Return the labels' state, the diagnostics, the history and the sampler's state.
+
+        Keys: those of :meth:`PseudoLabelState.to_dict` (``labels``, ``keys``,
+        ``labels_epoch``), ``diagnostics``, ``history``, and ``sampler``: the training batch
+        sampler's ``state_dict()`` plus ``batches_done``, the batches of the current epoch
+        finished when the checkpoint was made.
         """
         out: Dict[str, Any] = {"labels": None, "keys": None, "labels_epoch": None}
         if self.state is not None:
@@ -405,8 +408,10 @@ class PseudoLabels(pl.Callback):
         return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the labels are mapped onto the current videos and handed
-        over when training starts (old position-only states load too)."""
+        """Restore :meth:`state_dict` (old position-only states load too).
+
+        The labels are mapped onto the current videos and handed over when training starts.
+        """
         self.state = PseudoLabelState.from_dict(state_dict)
         self.diagnostics = dict(state_dict.get("diagnostics", {}))
         self.history = [dict(h) for h in state_dict.get("history", [])]
@@ -438,8 +443,11 @@ class PseudoLabels(pl.Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Map resumed labels onto the current videos (re-clustering at once when videos were
-        added), make the initial labels if asked (not when resuming with labels), hand over."""
+        """Map resumed labels onto the current videos, make initial labels if asked, hand over.
+
+        Re-clusters at once when videos were added since the checkpoint; initial labels
+        (``cluster_before_training``) are not made when resuming with labels.
+        """
         if self.state is not None and not self._align(trainer, pl_module):
             self.recluster(trainer, pl_module, epoch=trainer.current_epoch)
         if self.cluster_before_training and self.state is None:
