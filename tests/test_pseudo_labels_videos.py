@@ -194,3 +194,28 @@ def test_queue_indices_follow_their_videos():
     model.queue_index[:] = torch.tensor([0, 1, 2, -1, 3, 0, 2, 1])
     model.remap_video_indices(torch.tensor([2, -1, 0, 1]))  # video 1 removed, the rest moved
     assert model.queue_index.tolist() == [2, -1, 0, -1, 1, 2, 0, -1]
+
+
+def test_resume_after_a_removal_maps_labels_without_reclustering(videos, tmp_path, caplog):
+    root = _copy(videos, tmp_path)
+    ckpt = pl.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    cb, dm = PseudoLabels(every_n_epochs=5, method="kmeans", num_clusters=4), _dm(root)
+    _trainer(tmp_path, [cb, ckpt], max_epochs=1, limit_train_batches=1).fit(
+        _model(), datamodule=dm
+    )
+    saved = dict(zip(_ids(dm, root), cb.labels.tolist()))
+    (root / "MoveLeft/v_MoveLeft_g01_c01.avi").unlink()
+    cb2, dm2 = PseudoLabels(every_n_epochs=5, method="kmeans", num_clusters=4), _dm(root)
+
+    def forbidden(*a, **k):
+        raise AssertionError("re-clustered")
+
+    with caplog.at_level(logging.WARNING), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(clustering, "cluster", forbidden)
+        _trainer(tmp_path, [cb2], max_epochs=2, limit_train_batches=1).fit(
+            _model(), datamodule=dm2, ckpt_path=str(tmp_path / "ckpt/last.ckpt")
+        )
+    assert cb2.labels.tolist() == [saved[k] for k in _ids(dm2, root)]
+    assert cb2.labels_epoch == 0
+    said = [r.getMessage() for r in caplog.records if "videos changed" in r.getMessage()]
+    assert len(said) == 1 and "0 added, 1 removed; labels mapped" in said[0]
