@@ -239,11 +239,12 @@ class MoCo(VideoSSLMethod):
         keep pointing at their own video; a key of a removed video (``-1``) becomes an unknown
         video's key (``ClusterContrast`` leaves such slots out).
         """
-        known = self.queue_index >= 0
         mapping = old_to_new.to(self.queue_index.device).long()
-        old = self.queue_index[known].clamp(max=max(mapping.numel() - 1, 0))
-        new = mapping[old] if mapping.numel() else torch.full_like(old, -1)
-        self.queue_index[known] = new
+        old = self.queue_index
+        inside = (old >= 0) & (old < mapping.numel())
+        new = torch.full_like(old, -1)
+        new[inside] = mapping[old[inside]]
+        self.queue_index.copy_(new)
 
     # ----------------------------------------------------------------- loss
     def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
