@@ -140,3 +140,14 @@ def test_lightning_reaches_set_epoch_through_sampler_attribute():
     dl = DataLoader(list(range(10)), batch_sampler=s, collate_fn=lambda x: x)
     _set_sampler_epoch(dl, 6)
     assert s.epoch == 6
+
+
+def test_resumed_mid_epoch_the_sampler_skips_the_batches_already_trained_on():
+    labels = torch.arange(12) % 3
+    full = ClusterBatchSampler(12, 2, labels=labels, seed=4)
+    full.set_epoch(1)
+    s = ClusterBatchSampler(12, 2, seed=0)
+    s.load_state_dict({**full.state_dict(), "batches_done": 2})
+    assert s.epoch == 1 and len(s) == len(full)
+    assert list(s) == list(full)[2:]
+    assert list(s) == list(full)  # only the first iteration after the resume skips

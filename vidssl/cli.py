@@ -90,6 +90,9 @@ def _lightning_cli_class() -> type:
 
         def before_fit(self) -> None:
             self._early_setup("fit")
+            kwargs = self.config_init[self.subcommand]
+            if kwargs.get("ckpt_path") == "last":
+                kwargs["ckpt_path"] = _resolve_last_checkpoint(self.trainer)
 
         def _require_step(self, stage: str, hook: str) -> None:
             # Lightning would fail only after building the trainer, with a message about its own
@@ -143,6 +146,34 @@ def _subclasses(base: type) -> List[str]:
 
 def _num_views(model: Any) -> int:
     return int(getattr(model, "num_views", 2))
+
+
+def _resolve_last_checkpoint(trainer: Any) -> str:
+    """Return the newest ``last.ckpt`` of the run's log folder (``fit --ckpt_path last``).
+
+    Lightning looks for ``last.ckpt`` in the new run's own ``version_N+1`` folder and silently
+    starts over. This looks in every ``version_*/checkpoints/`` of the logger's folder
+    (``default_root_dir/lightning_logs`` by default; ``default_root_dir/checkpoints`` without a
+    logger) and in the ``dirpath`` of each ``ModelCheckpoint``, takes the newest by modification
+    time, and says which in one line; none is a :class:`CLIError`.
+    """
+    logger = getattr(trainer, "logger", None)
+    base = Path(getattr(logger, "root_dir", None) or trainer.default_root_dir)
+    found = list(base.glob("version_*/checkpoints/last.ckpt")) + [base / "checkpoints/last.ckpt"]
+    for cb in getattr(trainer, "checkpoint_callbacks", []):
+        if getattr(cb, "dirpath", None):
+            found.append(Path(cb.dirpath) / "last.ckpt")
+    found = [p for p in found if p.is_file()]
+    if not found:
+        raise CLIError(
+            f"--ckpt_path last: no last.ckpt under {base}/version_*/checkpoints/ (nor in a "
+            "ModelCheckpoint dirpath); pass a checkpoint file, or save one with "
+            "ModelCheckpoint(save_last=True)."
+        )
+    newest = max(found, key=lambda p: p.stat().st_mtime)
+    print(f"vidssl fit: resuming from {newest} (the newest last.ckpt under {base})",
+          file=sys.stderr)
+    return str(newest)
 
 
 def _check_batch_against_queue(model: Any, datamodule: Any, trainer: Any) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -22,7 +23,7 @@ from vidssl import clustering
 from vidssl import distributed as vdist
 from vidssl.losses.mining import check_negative_fractions, hard_negative_mask
 
-__all__ = ["PseudoLabels", "hard_negative_fn_rate", "pair_error_rates"]
+__all__ = ["PseudoLabelState", "PseudoLabels", "hard_negative_fn_rate", "pair_error_rates"]
 
 log = logging.getLogger(__name__)
 
@@ -143,6 +144,75 @@ def hard_negative_fn_rate(
     return float(rates_t.mean()) if rates_t.numel() else None
 
 
+@dataclass
+class PseudoLabelState:
+    """Pseudo-labels keyed by video identity: what ``PseudoLabels`` owns, saves and hands over.
+
+    ``labels[i]`` is the cluster of the video whose identity is ``keys[i]`` (the path relative to
+    the training root, ``VideoDataModule.train_video_ids``); ``-1`` means no label (a video not
+    clustered yet, or one that could not be decoded), which the consumers treat as a class of its
+    own. ``keys`` is ``None`` when the data module gives no identities (the labels are then by
+    position, as checkpoints before keyed labels stored them).
+
+    Attributes:
+        labels: ``N`` int64 cluster ids, ``-1`` = none.
+        keys: ``N`` video ids (str) or ``None``.
+        epoch: the epoch the labels were made at the start of (``-1``: before training).
+    """
+
+    labels: np.ndarray
+    keys: Optional[np.ndarray]
+    epoch: int
+
+    def __post_init__(self) -> None:
+        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
+        if self.keys is not None:
+            self.keys = np.asarray(self.keys, dtype=np.str_).reshape(-1)
+            if self.keys.shape != self.labels.shape:
+                raise ValueError(
+                    f"{len(self.labels)} pseudo-labels for {len(self.keys)} video ids; "
+                    "pass one id per label."
+                )
+        self.epoch = int(self.epoch)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """``{"labels": LongTensor N, "keys": list of N str or None, "labels_epoch": int}``."""
+        return {
+            "labels": torch.from_numpy(self.labels.copy()),
+            "keys": None if self.keys is None else [str(k) for k in self.keys],
+            "labels_epoch": self.epoch,
+        }
+
+    @classmethod
+    def from_dict(cls, state: Dict[str, Any]) -> Optional[PseudoLabelState]:
+        """Read :meth:`to_dict`'s output, or an older position-only state (``keys`` absent)."""
+        labels = state.get("labels")
+        if labels is None:
+            return None
+        epoch = state.get("labels_epoch")
+        labels = torch.as_tensor(labels).long().cpu().numpy()
+        return cls(labels, state.get("keys"), -1 if epoch is None else epoch)
+
+    def align(self, keys: Sequence[str]) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
+        """Map the labels onto the videos ``keys`` (the current index, in its order).
+
+        Returns ``(labels, old_to_new, counts)``: ``labels[j]`` is the saved label of video
+        ``keys[j]`` (``-1`` for a video not in the saved state), ``old_to_new[i]`` the new
+        position of saved video ``i`` (``-1`` if it is gone), ``counts`` holds ``kept``,
+        ``added`` and ``removed``. Needs :attr:`keys`.
+        """
+        if self.keys is None:
+            raise ValueError("position-only pseudo-labels cannot be mapped by video identity.")
+        new_pos = {str(k): j for j, k in enumerate(keys)}
+        old_to_new = np.array([new_pos.get(str(k), -1) for k in self.keys], dtype=np.int64)
+        labels = np.full(len(new_pos), -1, dtype=np.int64)
+        kept = old_to_new >= 0
+        labels[old_to_new[kept]] = self.labels[kept]
+        n_kept = int(kept.sum())
+        counts = {"kept": n_kept, "added": len(new_pos) - n_kept, "removed": int((~kept).sum())}
+        return labels, old_to_new, counts
+
+
 def _has_sklearn() -> bool:
     try:
         import sklearn  # noqa: F401
@@ -163,9 +233,23 @@ class PseudoLabels(pl.Callback):
     training loader (``docs/concepts.md``). It does the hand-off again at every epoch start and
     after a resume, so reloaded dataloaders and resumed runs see the same labels.
 
-    The labels (``LongTensor N``), the epoch they were made (``-1``: before training) and the
-    diagnostics are in :meth:`state_dict`, saved in Lightning checkpoints: a resumed run uses
-    them and re-clusters only when the schedule says so, never because of the resume.
+    The labels live in a :class:`PseudoLabelState`, keyed by video identity (the data module's
+    ``train_video_ids``: paths relative to the training root). It, the diagnostics and the
+    training batch sampler's state are in :meth:`state_dict`, saved in Lightning checkpoints: a
+    resumed run uses them and re-clusters only when the schedule says so, never because of the
+    resume alone. If the training videos changed since the checkpoint, the labels are mapped
+    onto the current index by identity and one log line says how many videos were kept, added
+    and removed; when a current video has no saved label (one was added), the callback
+    re-clusters at once, when training starts, rather than train with partial labels (removals
+    and reorderings alone only map). A checkpoint with position-only labels (before keyed
+    labels) is read as keyed by the current index when the counts match (with a warning), else
+    the callback re-clusters at once.
+
+    Videos that cannot be decoded follow the data module's *training* policy: under
+    ``train_on_error="resample"`` the bank skips them, they are left out of clustering and get
+    the label ``-1`` (never a positive: the sampler and the methods treat ``-1`` as a class of
+    its own), and each re-clustering logs their count and paths (``pseudo_labels/unreadable``);
+    under ``"raise"`` the bank pass raises.
 
     Logged under ``pseudo_labels/`` each time: cluster count, size min/median/max, singletons,
     NMI/AMI/ARI against the ground truth where known, :func:`pair_error_rates`, and for a
@@ -246,10 +330,22 @@ class PseudoLabels(pl.Callback):
         self.seed = seed
         self.progress_bar = progress_bar
         # State saved in checkpoints.
-        self.labels: Optional[torch.Tensor] = None
-        self.labels_epoch: Optional[int] = None
+        self.state: Optional[PseudoLabelState] = None
         self.diagnostics: Dict[str, Any] = {}
         self.history: List[Dict[str, Any]] = []
+        self._sampler_state: Optional[Dict[str, Any]] = None  # loaded, given to the sampler
+        self._sampler: Any = None  # the training batch sampler labels were last handed to
+        self._batches_done = 0  # training batches finished in the current epoch
+
+    @property
+    def labels(self) -> Optional[torch.Tensor]:
+        """The current pseudo-labels (``LongTensor N``, -1 = none), or ``None`` before any."""
+        return None if self.state is None else torch.from_numpy(self.state.labels.copy())
+
+    @property
+    def labels_epoch(self) -> Optional[int]:
+        """The epoch the current labels were made at the start of (``-1``: before training)."""
+        return None if self.state is None else self.state.epoch
 
     # -- settings -----------------------------------------------------------------------------
 
@@ -294,21 +390,32 @@ class PseudoLabels(pl.Callback):
     # -- checkpointed state -------------------------------------------------------------------
 
     def state_dict(self) -> Dict[str, Any]:
-        """Labels, the epoch they were made, the last diagnostics and the history."""
-        return {
-            "labels": None if self.labels is None else self.labels.cpu(),
-            "labels_epoch": self.labels_epoch,
-            "diagnostics": dict(self.diagnostics),
-            "history": [dict(h) for h in self.history],
-        }
+        """Return the labels' state, the diagnostics, the history and the sampler's state.
+
+        Keys: those of :meth:`PseudoLabelState.to_dict` (``labels``, ``keys``,
+        ``labels_epoch``), ``diagnostics``, ``history``, and ``sampler``: the training batch
+        sampler's ``state_dict()`` plus ``batches_done``, the batches of the current epoch
+        finished when the checkpoint was made.
+        """
+        out: Dict[str, Any] = {"labels": None, "keys": None, "labels_epoch": None}
+        if self.state is not None:
+            out.update(self.state.to_dict())
+        out["diagnostics"] = dict(self.diagnostics)
+        out["history"] = [dict(h) for h in self.history]
+        sampler = self._sampler
+        if sampler is not None and hasattr(sampler, "state_dict"):
+            out["sampler"] = {**sampler.state_dict(), "batches_done": self._batches_done}
+        return out
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the labels are handed over when training starts."""
-        labels = state_dict.get("labels")
-        self.labels = None if labels is None else torch.as_tensor(labels, dtype=torch.long)
-        self.labels_epoch = state_dict.get("labels_epoch")
+        """Restore :meth:`state_dict` (old position-only states load too).
+
+        The labels are mapped onto the current videos and handed over when training starts.
+        """
+        self.state = PseudoLabelState.from_dict(state_dict)
         self.diagnostics = dict(state_dict.get("diagnostics", {}))
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._sampler_state = state_dict.get("sampler")
 
     # -- Lightning hooks ----------------------------------------------------------------------
 
@@ -336,32 +443,101 @@ class PseudoLabels(pl.Callback):
         )
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Make the initial labels if asked (not when resuming with labels), then hand over."""
-        if self.cluster_before_training and self.labels is None:
+        """Map resumed labels onto the current videos, make initial labels if asked, hand over.
+
+        Re-clusters at once when videos were added since the checkpoint; initial labels
+        (``cluster_before_training``) are not made when resuming with labels.
+        """
+        if self.state is not None and not self._align(trainer, pl_module):
+            self.recluster(trainer, pl_module, epoch=trainer.current_epoch)
+        if self.cluster_before_training and self.state is None:
             encoder = None
             if self.initial_weights is not None:
                 encoder = self._pretrained_encoder(pl_module)
             self.recluster(trainer, pl_module, epoch=-1, encoder=encoder)
         self._hand_over(trainer, pl_module)
+        self._restore_sampler(trainer)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Re-cluster when the schedule says so (once per epoch), then hand the labels over."""
+        self._batches_done = 0
         epoch = trainer.current_epoch
         if self.is_due(epoch, pl_module) and self.labels_epoch != epoch:
             self.recluster(trainer, pl_module, epoch=epoch)
         self._hand_over(trainer, pl_module)
 
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+        batch_idx: int,
+    ) -> None:
+        """Count the epoch's finished batches (saved with the sampler state)."""
+        self._batches_done = batch_idx + 1
+
     # -- the work -----------------------------------------------------------------------------
 
-    def _hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.labels is None:
+    def _align(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> bool:
+        """Map the loaded labels onto the current training videos; False: re-cluster now."""
+        state = self.state
+        assert state is not None
+        dm = getattr(trainer, "datamodule", None)
+        ids = getattr(dm, "train_video_ids", None)
+        keys = None if ids is None else np.asarray(ids, dtype=np.str_)
+        n = _num_videos(trainer, torch.zeros(0))
+        say = log.warning if trainer.is_global_zero else log.debug
+        if state.keys is None or keys is None:
+            if len(state.labels) != n:
+                say(
+                    "PseudoLabels: the checkpoint has %d position-only pseudo-labels for %d "
+                    "training videos; re-clustering now.", len(state.labels), n,
+                )
+                return False
+            if keys is not None:
+                say(
+                    "PseudoLabels: the checkpoint's pseudo-labels are stored by position only "
+                    "(older vidssl); assuming the %d training videos are unchanged.", n,
+                )
+            self.state = PseudoLabelState(state.labels, keys, state.epoch)
+            return True
+        if np.array_equal(state.keys, keys):
+            return True
+        labels, old_to_new, counts = state.align(keys)
+        remap = getattr(pl_module, "remap_video_indices", None)
+        if remap is not None:
+            remap(torch.from_numpy(old_to_new))
+        self.state = PseudoLabelState(labels, keys, state.epoch)
+        self._sampler_state = None  # its epoch's draws were over the old videos
+        again = counts["added"] > 0
+        say(
+            "PseudoLabels: the training videos changed since the checkpoint: %d kept (labels "
+            "follow them), %d added, %d removed; %s.", counts["kept"], counts["added"],
+            counts["removed"], "re-clustering now" if again else "labels mapped",
+        )
+        return not again
+
+    def _restore_sampler(self, trainer: pl.Trainer) -> None:
+        state, self._sampler_state = self._sampler_state, None
+        sampler = self._sampler
+        if state is None or sampler is None or not hasattr(sampler, "load_state_dict"):
             return
-        if hasattr(pl_module, "set_pseudo_labels"):
-            pl_module.set_pseudo_labels(self.labels)
+        state = dict(state)
+        if state.get("epoch") != trainer.current_epoch:
+            state["batches_done"] = 0  # saved at an epoch's end: the next one starts afresh
+        self._batches_done = int(state.get("batches_done", 0))
+        state["labels"] = self.labels  # the hand-over's, mapped onto the current videos
+        sampler.load_state_dict(state)
+
+    def _hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         for loader in _train_loaders(trainer):
             sampler = getattr(loader, "batch_sampler", None)
             if sampler is not None and hasattr(sampler, "set_labels"):
-                sampler.set_labels(self.labels)
+                self._sampler = sampler
+        if self.state is None:
+            return
+        labels = self.labels
+        if hasattr(pl_module, "set_pseudo_labels"):
+            pl_module.set_pseudo_labels(labels)
+        if self._sampler is not None:
+            self._sampler.set_labels(labels)
 
     def _pretrained_encoder(self, pl_module: pl.LightningModule) -> Callable:
         from vidssl.backbones import load_backbone_weights
@@ -391,7 +567,11 @@ class PseudoLabels(pl.Callback):
         pl_module: pl.LightningModule,
         encoder: Optional[Callable] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Embed this rank's share of the bank: ``(index B_r, features B_r x D, label B_r)``."""
+        """Embed this rank's share of the bank: ``(index B_r, features B_r x D, label B_r)``.
+
+        A video the bank loader skipped (undecodable under the training policy ``resample``: the
+        batch lists it in ``skipped_index``) has a row of NaN features and label ``-1``.
+        """
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "bank_dataloader"):
             raise RuntimeError(
@@ -405,7 +585,7 @@ class PseudoLabels(pl.Callback):
         module.to(device)
         was_training = module.training
         module.eval()  # BN running statistics, no dropout: features of the model as it is
-        idx, feats, labels = [], [], []
+        idx, feats, labels, skipped = [], [], [], []
         try:
             batches = loader
             show = self.progress_bar and trainer.is_global_zero and len(loader) > 20
@@ -415,13 +595,27 @@ class PseudoLabels(pl.Callback):
                 batches = tqdm(loader, desc="PseudoLabels: embedding", leave=False)
             for batch in batches:
                 batch = move_data_to_device(batch, device)
+                if "skipped_index" in batch:
+                    skipped.append(batch["skipped_index"].long())
+                if not batch["views"]:
+                    continue
                 batch = dm.augment(batch, train=False)
                 feats.append(encoder(batch["views"][0]).float())
                 idx.append(batch["index"].long())
                 labels.append(batch["label"].long())
         finally:
             module.train(was_training)
+        if not feats and skipped:
+            raise RuntimeError(
+                "PseudoLabels: none of this process's training videos could be decoded; check "
+                "them with `vidssl check-videos`."
+            )
         dim = feats[0].shape[1] if feats else 0
+        if skipped:
+            gone = torch.cat(skipped)
+            idx.append(gone)
+            feats.append(torch.full((gone.numel(), dim), float("nan"), device=device))
+            labels.append(torch.full_like(gone, -1))
         return (
             torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long, device=device),
             torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
@@ -477,44 +671,66 @@ class PseudoLabels(pl.Callback):
         order = _unique_rows(all_idx, n)
         feats_np = all_feats[order].numpy()
         truth_np = all_truth[order].numpy()
+        # Videos the bank could not decode (NaN rows) are left out and keep the label -1.
+        ok = np.isfinite(feats_np).all(axis=1)
+        unreadable = np.flatnonzero(~ok)
+        if unreadable.size:
+            self._report_unreadable(trainer, unreadable, n)
+        feats_np, truth_ok = feats_np[ok], truth_np[ok]
         device = pl_module.device
-        labels = torch.empty(n, dtype=torch.long, device=device)
+        labels = torch.full((n,), -1, dtype=torch.long, device=device)
         diag: Dict[str, Any] = {}
         if trainer.is_global_zero:
             t1 = time.perf_counter()
             lab_np, diag = self.cluster(feats_np, pl_module)
-            labels.copy_(torch.from_numpy(lab_np))
+            labels[torch.from_numpy(ok).to(device)] = torch.from_numpy(lab_np).to(device)
             diag = {k: v for k, v in diag.items() if _is_number(v) or isinstance(v, str)}
             diag["embed_seconds"] = t1 - t0
             diag["cluster_seconds"] = time.perf_counter() - t1
         vdist.broadcast(labels, src=0)
         diag = trainer.strategy.broadcast(diag, src=0)  # rank 0's timings and settings
         labels = labels.cpu()
+        clustered = labels.numpy()[ok]
         # Every rank holds the gathered bank, so the metrics are computed everywhere from the
-        # broadcast labels and logged identically (no rank-0-only logging).
-        metrics = clustering.clustering_metrics(labels.numpy(), truth_np, ami=_has_sklearn())
-        metrics.update(pair_error_rates(labels, truth_np))
+        # broadcast labels and logged identically (no rank-0-only logging); over the videos
+        # that were clustered.
+        metrics = clustering.clustering_metrics(clustered, truth_ok, ami=_has_sklearn())
+        metrics.update(pair_error_rates(clustered, truth_ok))
         # A method that keeps only its hardest negatives (ClusterContrast) is hurt by the false
         # ones among them, which the rate over all negatives hides.
         hard = getattr(pl_module, "hard_fraction", None)
-        if hard is not None and (truth_np >= 0).any():
+        if hard is not None and (truth_ok >= 0).any():
             drop = float(getattr(pl_module, "drop_fraction", 0.0))
             rate = hard_negative_fn_rate(
-                feats_np, labels.numpy(), truth_np, float(hard), drop_fraction=drop
+                feats_np, clustered, truth_ok, float(hard), drop_fraction=drop
             )
             if rate is not None:
                 metrics["hard_negative_fn_rate"] = rate
         metrics.update({"epoch": epoch, "bank_rows": int(all_idx.numel()), "bank_size": n})
+        metrics["unreadable"] = int(unreadable.size)
         metrics["method"] = self.setting("method", pl_module)
         metrics["embed_seconds"] = diag.get("embed_seconds", 0.0)
         metrics["cluster_seconds"] = diag.get("cluster_seconds", 0.0)
         metrics["clustering"] = diag
-        self.labels = labels
-        self.labels_epoch = epoch
+        ids = getattr(getattr(trainer, "datamodule", None), "train_video_ids", None)
+        self.state = PseudoLabelState(labels.numpy(), ids, epoch)
         self.diagnostics = metrics
         self.history.append({k: v for k, v in metrics.items() if _is_number(v)})
         self._log(pl_module, metrics)
         return labels
+
+    def _report_unreadable(self, trainer: pl.Trainer, rows: np.ndarray, n: int) -> None:
+        if not trainer.is_global_zero:
+            return
+        ds = getattr(getattr(trainer, "datamodule", None), "train_dataset", None)
+        paths = getattr(getattr(ds, "index", None), "paths", None)
+        names = [str(paths[i]) if paths is not None else f"index {i}" for i in rows[:10]]
+        more = f" and {rows.size - 10} more" if rows.size > 10 else ""
+        log.warning(
+            "PseudoLabels: %d of %d training videos could not be decoded (skipped by the "
+            "training policy train_on_error='resample'); they are left out of clustering with "
+            "label -1, never a positive: %s%s", rows.size, n, ", ".join(names), more,
+        )
 
     def _log(self, pl_module: pl.LightningModule, metrics: Dict[str, Any]) -> None:
         values = {

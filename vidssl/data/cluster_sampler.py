@@ -103,6 +103,8 @@ class ClusterBatchSampler(Sampler[List[Pair]]):
         # Labels given by set_labels are only read when an iteration starts, so an epoch in
         # progress keeps a consistent partition.
         self._labels: Optional[np.ndarray] = None
+        # (epoch, batches): the next iteration of that epoch skips its first batches (a resume).
+        self._resume_at: Optional[Tuple[int, int]] = None
         if labels is not None:
             self.set_labels(labels)
 
@@ -144,10 +146,18 @@ class ClusterBatchSampler(Sampler[List[Pair]]):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore a ``state_dict``."""
+        """Restore a ``state_dict``.
+
+        An optional ``batches_done`` (what ``PseudoLabels`` saves beside this state: the batches
+        of the epoch already trained on) makes the next iteration of that epoch skip them, so a
+        run resumed mid-epoch trains on the rest of the same epoch (``len`` is unchanged: the
+        trainer counts the skipped batches as done).
+        """
         self.epoch = int(state["epoch"])
         self.seed = int(state["seed"])
         self.set_labels(state["labels"])
+        done = int(state.get("batches_done", 0) or 0)
+        self._resume_at = (self.epoch, done) if done > 0 else None
 
     # -- sampling -----------------------------------------------------------------------------
 
@@ -211,7 +221,9 @@ class ClusterBatchSampler(Sampler[List[Pair]]):
     def __iter__(self) -> Iterator[List[Pair]]:
         world, rank = self._world()
         mine = self.epoch_pairs()[rank::world]
-        for lo in range(0, mine.shape[0], self.batch_size):
+        skip, self._resume_at = self._resume_at, None
+        first = skip[1] * self.batch_size if skip is not None and skip[0] == self.epoch else 0
+        for lo in range(first, mine.shape[0], self.batch_size):
             chunk = mine[lo : lo + self.batch_size]
             if self.drop_last and chunk.shape[0] < self.batch_size:
                 return

@@ -6,6 +6,7 @@ Workers decode uint8 views; ``on_after_batch_transfer`` augments them with korni
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import numpy as np
@@ -157,8 +158,12 @@ class VideoDataModule(pl.LightningDataModule):
         fmt = self.format if self.format != "auto" else (detect_format(source) if source else "")
         return fmt in ("ucf101", "hmdb51")
 
-    def _dataset(self, index: VideoIndex, mode: str, num_clips: int = 1) -> VideoDataset:
+    def _dataset(
+        self, index: VideoIndex, mode: str, num_clips: int = 1, on_error: str | None = None
+    ) -> VideoDataset:
         train = mode == "train"
+        if on_error is None:
+            on_error = self.train_on_error if train else self.eval_on_error
         return VideoDataset(
             index,
             clip_len=self.clip_len,
@@ -171,7 +176,7 @@ class VideoDataModule(pl.LightningDataModule):
             backend=self.backend,
             decode_threads=self.decode_threads,
             decode_device=self.decode_device,
-            on_error=self.train_on_error if train else self.eval_on_error,
+            on_error=on_error,
             repeat_anchor=self.repeat_anchor,
         )
 
@@ -217,6 +222,24 @@ class VideoDataModule(pl.LightningDataModule):
     def num_train_videos(self) -> int:
         """``N``, the number of training videos (the length of pseudo-label tensors)."""
         return len(self._require(self.train_dataset, "train"))
+
+    @property
+    def train_video_ids(self) -> np.ndarray:
+        """Identity of each training video: its path relative to the ``train`` root (``N`` str).
+
+        The root is the ``train`` folder (a CSV manifest's folder); a video outside it keeps its
+        absolute path. Pseudo-labels are stored under these keys, so they survive videos being
+        added, removed or reordered, and the data set being moved (with ``train`` updated).
+        """
+        paths = self._require(self.train_dataset, "train").index.paths
+        root = Path(str(self.train_source)).expanduser().resolve()
+        if root.is_file():
+            root = root.parent
+        out = []
+        for p in paths:
+            p = Path(str(p))
+            out.append(p.relative_to(root).as_posix() if p.is_relative_to(root) else p.as_posix())
+        return np.asarray(out, dtype=np.str_)
 
     @property
     def decode_failures(self) -> dict[str, int]:
@@ -289,8 +312,18 @@ class VideoDataModule(pl.LightningDataModule):
         dataset index, so gathered features can be de-duplicated. ``rank`` and ``world_size``
         default to the attached trainer's (or ``torch.distributed``'s, or a single process).
         """
+        return self._eval_loader(split, num_clips, rank, world_size)
+
+    def _eval_loader(
+        self,
+        split: str,
+        num_clips: int,
+        rank: int | None,
+        world_size: int | None,
+        on_error: str | None = None,
+    ) -> DataLoader:
         source = self._require(getattr(self, f"{split}_dataset", None), split)
-        ds = self._dataset(source.index, "eval", num_clips)
+        ds = self._dataset(source.index, "eval", num_clips, on_error)
         if world_size is None:
             rank, world_size = _rank_and_world(self)
         if world_size > 1:
@@ -305,10 +338,14 @@ class VideoDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         """Return every training video once, one centre clip, in a fixed order (feature banks).
 
-        The same as ``eval_dataloader("train", num_clips=1, rank, world_size)``: evaluation
-        decoding policy, DDP shards padded by repetition (de-duplicate by ``index``).
+        Like ``eval_dataloader("train", num_clips=1, rank, world_size)`` (DDP shards padded by
+        repetition: de-duplicate by ``index``), but with the *training* decoding policy, since
+        the bank serves training: under ``train_on_error="resample"`` an undecodable video is
+        skipped (``on_error="skip"``: left out of ``index`` and listed in the batch's
+        ``skipped_index``), under ``"raise"`` it raises.
         """
-        return self.eval_dataloader("train", 1, rank, world_size)
+        on_error = "raise" if self.train_on_error == "raise" else "skip"
+        return self._eval_loader("train", 1, rank, world_size, on_error)
 
     # -- augmentation -------------------------------------------------------------------------
 

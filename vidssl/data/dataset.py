@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: What a sampler yields: a dataset index, or an ``(anchor, positive)`` pair of indices.
 Item = Union[int, Sequence[int]]
 
-OnError = Literal["resample", "raise"]
+OnError = Literal["resample", "raise", "skip"]
 
 
 class VideoDataset(Dataset):
@@ -62,7 +62,10 @@ class VideoDataset(Dataset):
         backend: ``"decord"`` (random access; exact-flagged files via PyAV) or ``"pyav"``.
         decode_threads: decoder threads per worker.
         decode_device: ``"cpu"`` or ``"cuda[:N]"`` (decord built with CUDA only).
-        on_error: ``"resample"`` (log once, count, decode another random video) or ``"raise"``.
+        on_error: ``"resample"`` (log once, count, decode another random video), ``"raise"``, or
+            ``"skip"`` (log once, count, return the item with ``views=None``; the collate
+            function leaves it out of the batch and lists its index under ``skipped_index``:
+            feature banks use it, where every video must be accounted for by its own index).
         max_consecutive_failures: ``resample`` gives up with an error after this many failures
             in a row (a sign that the data, not one file, is broken).
         repeat_anchor: for pair sampling, add a third view repeating the anchor's frames.
@@ -89,8 +92,8 @@ class VideoDataset(Dataset):
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}.")
-        if on_error not in ("resample", "raise"):
-            raise ValueError(f"on_error must be 'resample' or 'raise', got {on_error!r}.")
+        if on_error not in ("resample", "raise", "skip"):
+            raise ValueError(f"on_error must be 'resample', 'raise' or 'skip', got {on_error!r}.")
         if clip_len < 1 or stride < 1 or num_views < 1 or num_clips < 1:
             raise ValueError("clip_len, stride, num_views and num_clips must be >= 1.")
         if not index.probed:
@@ -233,7 +236,10 @@ class VideoDataset(Dataset):
                 failures.append(msg)
                 if path not in self._logged:
                     self._logged.add(path)
-                    log.warning("Skipping undecodable video (on_error='resample'): %s", msg)
+                    log.warning("Skipping undecodable video (on_error=%r): %s", self.on_error, msg)
+                if self.on_error == "skip":
+                    i = int(first)
+                    return {"views": None, "index": i, "label": int(self.index.labels[i])}
                 if len(failures) >= self.max_consecutive_failures:
                     raise RuntimeError(
                         f"{len(failures)} consecutive videos failed to decode; giving up "
@@ -271,7 +277,17 @@ def collate_videos(samples: list[dict[str, Any]]) -> dict[str, Any]:
 
     Videos of different aspect ratios decode to different sizes; each view is centre-cropped to
     the smallest height and width in the batch (slicing only: no float work in workers).
+    Items skipped by ``on_error="skip"`` (``views`` is ``None``) are left out; their indices are
+    in ``skipped_index`` (``LongTensor S``, present only when ``S > 0``). A batch of skipped
+    items only has ``views == []`` and empty ``index`` and ``label``.
     """
+    skipped = [s["index"] for s in samples if s["views"] is None]
+    if skipped:
+        kept = [s for s in samples if s["views"] is not None]
+        empty = torch.zeros(0, dtype=torch.int64)
+        batch = collate_videos(kept) if kept else {"views": [], "index": empty, "label": empty}
+        batch["skipped_index"] = torch.tensor(skipped, dtype=torch.int64)
+        return batch
     num_views = len(samples[0]["views"])
     views = []
     for v in range(num_views):

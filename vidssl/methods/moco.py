@@ -231,6 +231,21 @@ class MoCo(VideoSSLMethod):
         self.queue_index[ptr : ptr + n] = index
         self.queue_ptr.fill_((ptr + n) % self.queue_size)
 
+    @torch.no_grad()
+    def remap_video_indices(self, old_to_new: torch.Tensor) -> None:
+        """Follow a change of the training videos: queued index ``i`` becomes ``old_to_new[i]``.
+
+        ``PseudoLabels`` calls it on resume when the training index changed, so queued keys
+        keep pointing at their own video; a key of a removed video (``-1``) becomes an unknown
+        video's key (``ClusterContrast`` leaves such slots out).
+        """
+        mapping = old_to_new.to(self.queue_index.device).long()
+        old = self.queue_index
+        inside = (old >= 0) & (old < mapping.numel())
+        new = torch.full_like(old, -1)
+        new[inside] = mapping[old[inside]]
+        self.queue_index.copy_(new)
+
     # ----------------------------------------------------------------- loss
     def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
         """InfoNCE of queries (view 0) against their keys (view 1) and the queue's negatives."""
