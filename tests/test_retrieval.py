@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from vidssl.callbacks import RetrievalMonitor
+from vidssl.data import VideoDataModule
 from vidssl.evaluation import (
     RetrievalResult,
     evaluate_retrieval,
@@ -162,3 +163,34 @@ def test_retrieval_monitor_logs(tiny_video_root):
     assert steps_seen == [0, 1]  # once before the first step, once after the epoch
     assert monitor2.initial == start
     assert trainer2.callback_metrics["val/R@1_start"].item() == pytest.approx(start[1])
+
+
+class _NoEvalLoader(VideoDataModule):
+    """A data module without ``eval_dataloader``: retrieval builds its own loader."""
+
+    eval_dataloader = None
+
+
+@pytest.mark.parametrize("module", [VideoDataModule, _NoEvalLoader])
+@pytest.mark.parametrize("short_side", [40, 0])
+def test_eval_features_of_a_video_do_not_depend_on_its_batch(tmp_path, module, short_side):
+    from vidssl.data.synthetic import write_video
+    from vidssl.evaluation.retrieval import _eval_loader
+
+    rng = np.random.default_rng(0)
+    # 4:3, 2:1, a portrait 3:5 and 4:3 at twice the size, in two class folders.
+    for i, (w, h) in enumerate([(64, 48), (96, 48), (48, 80), (128, 96)]):
+        (tmp_path / f"c{i % 2}").mkdir(exist_ok=True)
+        write_video(tmp_path / f"c{i % 2}" / f"v{i}.avi",
+                    rng.integers(0, 256, (8, h, w, 3), dtype=np.uint8))
+    model = _tiny()
+    feats = {}
+    for batch in (1, 4):
+        dm = module(train=str(tmp_path), format="class_folders", clip_len=4,
+                    short_side=short_side, crop_size=32, eval_batch_size=batch, num_workers=0)
+        dm.setup("fit")
+        f, _, idx = extract_features(model, _eval_loader(dm, "train", 2),
+                                     lambda b, dm=dm: dm.augment(b, train=False))
+        feats[batch] = f[idx.argsort()]
+    # Alone or batched with videos of other shapes and sizes, a video has the same feature.
+    torch.testing.assert_close(feats[4], feats[1], rtol=1e-5, atol=1e-6)

@@ -1,5 +1,8 @@
 """Similarity search: the faiss index against an independent numpy computation."""
 
+import os
+import subprocess
+
 import numpy as np
 import pytest
 
@@ -184,3 +187,138 @@ def test_find_videos_reads_folders_and_list_files(tmp_path, tiny_video_root):
     assert find_videos(tmp_path / "list.txt") == found[:2]
     with pytest.raises(FileNotFoundError, match="no videos"):
         find_videos(tmp_path / "empty" if (tmp_path / "empty").mkdir() is None else "")
+
+
+def _noise_video(path, width, height, num_frames=12, seed=0):
+    from vidssl.data.synthetic import write_video
+
+    rng = np.random.default_rng(seed)
+    write_video(path, rng.integers(0, 256, (num_frames, height, width, 3), dtype=np.uint8))
+    return str(path)
+
+
+def test_embed_batches_videos_of_different_aspect_ratios(tmp_path, tiny_encoder):
+    from vidssl.evaluation.embed import embed_paths, embed_videos
+
+    encoder, info = tiny_encoder
+    # Landscape 2:1, portrait 3:5 and 4:3: decoded at short side 32 they are 64x32, 32x53, 43x32.
+    videos = [_noise_video(tmp_path / f"{w}x{h}.avi", w, h, seed=i)
+              for i, (w, h) in enumerate([(96, 48), (48, 80), (64, 48)])]
+    emb = embed_videos(encoder, videos, tmp_path / "emb", _settings(), info, batch_size=3,
+                       progress=False)
+    assert emb.paths == videos and emb.failed == []
+    # Each video is cropped on its own: its feature is the one it has when embedded alone.
+    alone = np.concatenate([embed_paths(encoder, [v], _settings()) for v in videos])
+    np.testing.assert_allclose(emb.features, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_embed_real_clips_of_different_aspect_ratios(tmp_path, real_videos, tiny_encoder):
+    from vidssl.evaluation.embed import embed_videos
+
+    encoder, info = tiny_encoder
+    videos = [str(real_videos / "Megamind.avi"), str(real_videos / "tree.avi")]  # 720x528, 4:3
+    emb = embed_videos(encoder, videos, tmp_path, _settings(), info, progress=False)
+    assert emb.paths == videos and emb.features.shape[0] == 2
+
+
+def test_resume_and_index_ignore_a_half_written_shard(tmp_path, tiny_video_root, tiny_encoder,
+                                                      capsys):
+    from vidssl.cli import main
+    from vidssl.evaluation.embed import embed_videos, find_videos, load_embeddings
+
+    encoder, info = tiny_encoder
+    videos = find_videos(tiny_video_root / "UCF-101")[:4]
+    emb = tmp_path / "emb"
+    reference = embed_videos(encoder, videos, emb, _settings(), info, shard_size=2,
+                             batch_size=2, progress=False)
+    # A run killed while writing its second shard: the shard is missing and a torn temporary
+    # file is left, under the name older versions used and under the current one.
+    (emb / "shard-000001.npz").unlink()
+    for torn in ("shard-000001.tmp.npz", ".shard-000001.npz.tmp"):
+        (emb / torn).write_bytes(b"PK\x03\x04 half a zip")
+    partial = load_embeddings(emb)
+    assert partial.paths == videos[:2] and partial.meta["incomplete"] == 2
+    assert main(["index", str(emb)]) == 0
+    assert "2 videos of" in capsys.readouterr().err  # the "not embedded yet" warning
+
+    resumed = embed_videos(encoder, videos, emb, _settings(), info, shard_size=2,
+                           batch_size=2, progress=False)
+    assert resumed.paths == videos
+    np.testing.assert_allclose(resumed.features, reference.features, rtol=1e-5, atol=1e-6)
+    assert sorted(p.name for p in emb.iterdir() if p.is_file()) == \
+        ["meta.json", "shard-000000.npz", "shard-000001.npz", "videos.txt"]
+
+    # A finished shard that is damaged is named in a one-line error.
+    (emb / "shard-000001.npz").write_bytes(b"PK\x03\x04 not a zip")
+    assert main(["index", str(emb)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vidssl index: error:") and "shard-000001.npz is damaged" in err
+    assert len(err.splitlines()) == 1
+
+
+# ---------------------------------------------------------------------- CLI errors
+@pytest.fixture
+def unwritable(tmp_path):
+    """An existing folder the OS refuses writes into (mode 555; immutable when run as root)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    if os.geteuid() == 0:  # root ignores modes; the immutable flag stops root too
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+            pytest.skip("running as root where chattr +i is not allowed: no unwritable folder")
+        yield folder
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    else:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+
+
+def _cli_embed_args(videos, out):
+    return ["embed", "r3d_18", "--random-init", "--width-mult", "0.0625", str(videos), "-o",
+            str(out), "--num-clips", "2", "--clip-len", "4", "--crop-size", "32",
+            "--num-workers", "0"]
+
+
+def _one_line_error(capsys, command):
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"vidssl {command}: error: ")
+    assert not any("Traceback" in line for line in err)
+    return err[-1]
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid"), reason="POSIX permissions")
+def test_unwritable_output_folders_are_one_line_errors(tmp_path, tiny_video_root, unwritable,
+                                                       capsys):
+    from vidssl.cli import main
+
+    videos = tiny_video_root / "UCF-101"
+    for out in (unwritable, unwritable / "emb"):  # an existing folder, a new one inside
+        assert main(_cli_embed_args(videos, out)) == 2
+        line = _one_line_error(capsys, "embed")
+        assert str(unwritable) in line and "-o DIR" in line
+    assert not list(unwritable.iterdir())
+
+    emb = tmp_path / "emb"
+    assert main(_cli_embed_args(videos, emb)) == 0
+    for out in (unwritable, unwritable / "index"):
+        assert main(["index", str(emb), "-o", str(out)]) == 2
+        line = _one_line_error(capsys, "index")
+        assert str(unwritable) in line and "-o INDEX" in line
+
+
+def test_unreadable_query_videos_are_one_line_errors(tmp_path, tiny_video_root, capsys):
+    from vidssl.cli import main
+
+    videos = sorted((tiny_video_root / "UCF-101").rglob("*.avi"))
+    emb = tmp_path / "emb"
+    assert main(_cli_embed_args(videos[0].parent, emb)) == 0
+    assert main(["index", str(emb)]) == 0
+    text = tmp_path / "notes.mp4"
+    text.write_text("a text file, renamed\n")
+    truncated = tmp_path / "truncated.avi"
+    truncated.write_bytes(videos[0].read_bytes()[:300])
+    for query in (text, truncated):
+        capsys.readouterr()
+        assert main(["search", str(emb / "index"), str(query)]) == 2
+        line = _one_line_error(capsys, "search")
+        assert f"cannot read {query}" in line and "re-encode" in line

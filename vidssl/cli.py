@@ -7,10 +7,13 @@ class path; the other subcommands (``vidssl --help`` lists them) are plain argpa
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
@@ -286,6 +289,24 @@ def _device(name: Optional[str]) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Writes that fail for a reason the user can fix: no permission, read-only file system, disk full.
+_WRITE_ERRNOS = (errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC,
+                 getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+@contextmanager
+def _writing_to(folder: Any, option: str) -> Iterator[None]:
+    """Turn an ``OSError`` the user can fix while writing into ``folder`` into a ``CLIError``."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        raise CLIError(f"cannot write {e.filename or folder} ({e.strerror}); choose another "
+                       f"output folder with {option} (one you can write to, with free space)"
+                       ) from e
+
+
 # ---------------------------------------------------------------------------- embed
 def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT",
@@ -314,9 +335,10 @@ def _run_embed(a: argparse.Namespace) -> int:
     print(f"embedding {len(videos)} videos with {info['backbone']} ({info['source']}); clips: "
           f"{settings.num_clips} x {settings.clip_len} frames (stride {settings.stride}) at "
           f"{settings.crop_size}px", file=sys.stderr)
-    emb = embed_videos(encoder, videos, a.output, settings, info, batch_size=a.batch_size,
-                       num_workers=a.num_workers, shard_size=a.shard_size,
-                       device=_device(a.device), overwrite=a.overwrite)
+    with _writing_to(a.output, "-o DIR"):
+        emb = embed_videos(encoder, videos, a.output, settings, info, batch_size=a.batch_size,
+                           num_workers=a.num_workers, shard_size=a.shard_size,
+                           device=_device(a.device), overwrite=a.overwrite)
     print(f"wrote {len(emb.paths)} embeddings (D={emb.features.shape[1]}) to {a.output}")
     if emb.failed:
         print(f"{len(emb.failed)} videos could not be read and were left out:", file=sys.stderr)
@@ -350,7 +372,9 @@ def _run_index(a: argparse.Namespace) -> int:
             "embeddings": str(Path(a.embeddings).resolve())}
     index = SearchIndex.build(emb.features, emb.paths, kind=a.kind, nlist=a.nlist,
                               nprobe=a.nprobe, meta=meta)
-    out = index.save(a.output or Path(a.embeddings) / "index")
+    out = a.output or Path(a.embeddings) / "index"
+    with _writing_to(out, "-o INDEX"):
+        out = index.save(out)
     print(f"indexed {len(index)} videos ({index.kind}, D={index.dim}) in {out}")
     print(f"next: vidssl search {out} QUERY.mp4 -k 10")
     return 0
@@ -385,7 +409,11 @@ def _run_search(a: argparse.Namespace) -> int:
         missing = [q for q in todo if not os.path.isfile(q)]
         if missing:
             raise CLIError(f"query video not found: {', '.join(missing)}")
-        embedded = iter(_embed_like_index(index, todo, a.device))
+        try:
+            embedded = iter(_embed_like_index(index, todo, a.device))
+        except OSError as e:  # embed_paths names the video that cannot be read
+            raise CLIError(f"query video: {e}; give a readable video, or re-encode this one "
+                           "(e.g. ffmpeg -i IN -c:v libx264 OUT.mp4)") from e
         feats = [f if f is not None else next(embedded) for f in feats]
     exclude = None if a.include_self else [q if q in known else None for q in queries]
     results = index.search(np.stack(feats), k=a.k, exclude=exclude)

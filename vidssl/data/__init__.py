@@ -5,7 +5,12 @@ See ``docs/data.md`` for the pipeline and ``docs/concepts.md`` for the batch con
 
 from vidssl.data.augment import EvalTransform, VideoAugmentation, build_augmentation
 from vidssl.data.datamodule import VideoDataModule
-from vidssl.data.dataset import VideoDataset, collate_videos
+from vidssl.data.dataset import (
+    VideoDataset,
+    centre_square,
+    collate_eval_videos,
+    collate_videos,
+)
 from vidssl.data.decoding import DecordDecoder, PyAVDecoder, build_decoder
 from vidssl.data.index import VideoIndex, probe_video, read_index
 from vidssl.data.sampling import TemporalTransform
@@ -23,6 +28,8 @@ __all__ = [
     "VideoIndex",
     "build_augmentation",
     "build_decoder",
+    "centre_square",
+    "collate_eval_videos",
     "collate_videos",
     "probe_video",
     "read_index",

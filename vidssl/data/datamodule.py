@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vidssl.data.augment import EvalTransform, build_augmentation
-from vidssl.data.dataset import VideoDataset, collate_videos
+from vidssl.data.dataset import VideoDataset, collate_eval_videos, collate_videos
 from vidssl.data.index import VideoIndex, read_index
 from vidssl.data.sampling import TemporalTransform
 
@@ -47,7 +47,8 @@ class VideoDataModule(pl.LightningDataModule):
         stride: frame step inside a clip.
         num_views: views per training video (instance sampling); set it to the method's
             ``num_views``.
-        short_side: decode-time resize of the shorter frame side (aspect kept).
+        short_side: decode-time resize of the shorter frame side (aspect kept); ``0`` keeps
+            the native size for training and decodes evaluation clips at ``crop_size``.
         crop_size: output side of training crops and evaluation centre crops.
         train_preset: training augmentation preset (``simclr``, ``slic``, ``crop_flip``).
         eval_num_clips: clips per video for val/test loaders (views ``0..N-1``; retrieval
@@ -172,7 +173,9 @@ class VideoDataModule(pl.LightningDataModule):
             mode="train" if train else "eval",
             num_clips=num_clips,
             temporal=self.temporal,
-            short_side=self.short_side,
+            # Evaluation clips all share one short side, so their centre squares stack and no
+            # video's crop depends on its batch (native sizes would differ from video to video).
+            short_side=self.short_side if train else (self.short_side or self.crop_size),
             backend=self.backend,
             decode_threads=self.decode_threads,
             decode_device=self.decode_device,
@@ -267,7 +270,7 @@ class VideoDataModule(pl.LightningDataModule):
         return DataLoader(
             ds,
             num_workers=workers,
-            collate_fn=collate_videos,
+            collate_fn=collate_videos if ds.mode == "train" else collate_eval_videos,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             persistent_workers=self.persistent_workers and workers > 0,
             timeout=self.timeout if workers > 0 else 0,

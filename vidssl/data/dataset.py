@@ -25,7 +25,7 @@ from vidssl.data.sampling import (
     uniform_clips,
 )
 
-__all__ = ["VideoDataset", "collate_videos", "Item"]
+__all__ = ["VideoDataset", "centre_square", "collate_eval_videos", "collate_videos", "Item"]
 
 log = logging.getLogger(__name__)
 
@@ -272,26 +272,58 @@ def _crop_to(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return x[..., top : top + h, left : left + w, :]
 
 
+def centre_square(clip: torch.Tensor) -> torch.Tensor:
+    """Return the central ``S x S`` square of uint8 ``... x H x W x C`` frames, ``S = min(H, W)``.
+
+    Slicing only (a view, no copy). The evaluation transform (:class:`~vidssl.data.EvalTransform`:
+    resize the short side, centre crop a square) looks at nothing outside this square, so cutting
+    a clip to it first leaves the region it sees unchanged.
+    """
+    s = min(clip.shape[-3], clip.shape[-2])
+    return _crop_to(clip, s, s)
+
+
 def collate_videos(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack dataset items into a batch: ``views`` (list of uint8 ``B x T x H x W x C``), longs.
 
     Videos of different aspect ratios decode to different sizes; each view is centre-cropped to
-    the smallest height and width in the batch (slicing only: no float work in workers).
-    Items skipped by ``on_error="skip"`` (``views`` is ``None``) are left out; their indices are
-    in ``skipped_index`` (``LongTensor S``, present only when ``S > 0``). A batch of skipped
-    items only has ``views == []`` and empty ``index`` and ``label``.
+    the smallest height and width in the batch (slicing only: no float work in workers). Training
+    batches use it; evaluation batches use :func:`collate_eval_videos`. Items skipped by
+    ``on_error="skip"`` (``views`` is ``None``) are left out; their indices are in
+    ``skipped_index`` (``LongTensor S``, present only when ``S > 0``). A batch of skipped items
+    only has ``views == []`` and empty ``index`` and ``label``.
     """
+    return _collate(samples, square=False)
+
+
+def collate_eval_videos(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack evaluation items into a batch, each clip cut to its own :func:`centre_square` first.
+
+    The region a clip shows then never depends on the other videos of its batch (cropping to
+    the batch's smallest height and width, as :func:`collate_videos` does, shifts and zooms the
+    evaluation crop of a video whose aspect ratio differs from its neighbours'). Clips decoded at
+    one short side, as evaluation datasets of :class:`~vidssl.data.VideoDataModule` always are,
+    give squares of one size; squares that still differ (a custom dataset decoding at native
+    size) are cropped to the smallest, as :func:`collate_videos` does. Skipped items as in
+    :func:`collate_videos`.
+    """
+    return _collate(samples, square=True)
+
+
+def _collate(samples: list[dict[str, Any]], square: bool) -> dict[str, Any]:
     skipped = [s["index"] for s in samples if s["views"] is None]
     if skipped:
         kept = [s for s in samples if s["views"] is not None]
         empty = torch.zeros(0, dtype=torch.int64)
-        batch = collate_videos(kept) if kept else {"views": [], "index": empty, "label": empty}
+        batch = _collate(kept, square) if kept else {"views": [], "index": empty, "label": empty}
         batch["skipped_index"] = torch.tensor(skipped, dtype=torch.int64)
         return batch
     num_views = len(samples[0]["views"])
     views = []
     for v in range(num_views):
         clips = [s["views"][v] for s in samples]
+        if square:
+            clips = [centre_square(c) for c in clips]
         h = min(c.shape[-3] for c in clips)
         w = min(c.shape[-2] for c in clips)
         views.append(_stack([_crop_to(c, h, w) for c in clips]))

@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
+import tempfile
+import zipfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -262,10 +265,16 @@ class _ClipDataset(torch.utils.data.Dataset):
             return pos, None, f"{type(e).__name__}: {e}"
 
 
-def _encode(transform: nn.Module, encoder: nn.Module, clips: torch.Tensor) -> torch.Tensor:
-    """Average features ``N x D`` of uint8 clips ``N x K x T x H x W x C`` (``K`` per video)."""
-    n, k = clips.shape[:2]
-    return encoder(transform(clips.flatten(0, 1))).float().view(n, k, -1).mean(1)
+def _encode(transform: nn.Module, encoder: nn.Module, videos: Sequence[torch.Tensor],
+            device: Union[str, torch.device]) -> torch.Tensor:
+    """Average features ``B x D`` of ``B`` videos, each uint8 clips ``K x T x H x W x C``.
+
+    Each video is resized and centre-cropped on its own before the clips are stacked, so videos
+    of any aspect ratio share a forward pass and none changes another's crop.
+    """
+    x = torch.cat([transform(v.to(device)) for v in videos])  # (sum K) x C x T x S x S
+    feats = encoder(x).float().split([len(v) for v in videos])
+    return torch.stack([f.mean(0) for f in feats])
 
 
 def _collate(items: List[Tuple[int, Optional[torch.Tensor], str]]) -> List:
@@ -281,32 +290,77 @@ def _list_hash(paths: Sequence[str]) -> str:
     return hashlib.sha1("\n".join(paths).encode()).hexdigest()
 
 
+# A finished shard is exactly ``shard-NNNNNN.npz``. Shards are written under a name that cannot
+# match it (``.shard-NNNNNN.npz.tmp``) and renamed when complete, so a reader never sees half a
+# shard; ``shard-NNNNNN.tmp.npz`` is what older versions left when interrupted mid-write.
+_SHARD_NAME = re.compile(r"shard-(\d{6})\.npz")
+_LEFTOVER_GLOBS = (".shard-*.npz.tmp", "shard-*.tmp.npz")
+
+
+def _shards(directory: Path) -> List[Tuple[int, Path]]:
+    """Return ``(number, path)`` of the finished shards in ``directory``, in number order."""
+    found = []
+    for f in directory.glob("shard-*.npz"):
+        m = _SHARD_NAME.fullmatch(f.name)
+        if m:
+            found.append((int(m.group(1)), f))
+    return sorted(found)
+
+
 def _read_shards(directory: Path) -> Tuple[Dict[int, np.ndarray], Dict[int, str]]:
     """Return ``({position: feature}, {position: error})`` from the shards in ``directory``."""
     done: Dict[int, np.ndarray] = {}
     failed: Dict[int, str] = {}
-    for shard in sorted(directory.glob("shard-*.npz")):
-        with np.load(shard, allow_pickle=False) as z:
-            for pos, feat in zip(z["positions"], z["features"]):
-                done[int(pos)] = feat
-            for pos, err in zip(z["failed_positions"], z["failed_errors"]):
-                failed[int(pos)] = str(err)
+    for _, shard in _shards(directory):
+        try:
+            with np.load(shard, allow_pickle=False) as z:
+                positions, features = z["positions"], z["features"]
+                failed_positions, failed_errors = z["failed_positions"], z["failed_errors"]
+        except (zipfile.BadZipFile, EOFError, KeyError, ValueError) as e:
+            raise ValueError(
+                f"{shard} is damaged ({type(e).__name__}: {e}); delete it and run the same "
+                "`vidssl embed` again to embed its videos anew"
+            ) from e
+        for pos, feat in zip(positions, features):
+            done[int(pos)] = feat
+        for pos, err in zip(failed_positions, failed_errors):
+            failed[int(pos)] = str(err)
     return done, failed
 
 
 def _write_shard(directory: Path, number: int, positions: List[int], features: List[np.ndarray],
                  failed: Dict[int, str], dim: int) -> None:
-    tmp = directory / f"shard-{number:06d}.tmp.npz"
-    np.savez(
-        tmp,
-        positions=np.asarray(positions, dtype=np.int64),
-        features=np.stack(features).astype(np.float32) if features
-        else np.zeros((0, dim), np.float32),
-        failed_positions=np.asarray(list(failed), dtype=np.int64),
-        failed_errors=np.asarray(list(failed.values()), dtype=str),
-    )
+    final = directory / f"shard-{number:06d}.npz"
+    tmp = directory / f".{final.name}.tmp"
+    with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
+        np.savez(
+            f,
+            positions=np.asarray(positions, dtype=np.int64),
+            features=np.stack(features).astype(np.float32) if features
+            else np.zeros((0, dim), np.float32),
+            failed_positions=np.asarray(list(failed), dtype=np.int64),
+            failed_errors=np.asarray(list(failed.values()), dtype=str),
+        )
+        f.flush()
+        os.fsync(f.fileno())
     # Atomic rename: a shard is either complete or absent, so an interrupted run resumes cleanly.
-    os.replace(tmp, directory / f"shard-{number:06d}.npz")
+    os.replace(tmp, final)
+
+
+def _prepare_output(out: Path, overwrite: bool) -> None:
+    """Create ``out``, check it is writable, remove interrupted writes (and all, ``overwrite``)."""
+    out.mkdir(parents=True, exist_ok=True)
+    # Fail now, not after the first shard's worth of decoding, when nothing can be written.
+    try:
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise type(e)(e.errno, e.strerror, str(out)) from e
+    leftovers = [f for pattern in _LEFTOVER_GLOBS for f in out.glob(pattern)]
+    if overwrite:
+        leftovers += [f for _, f in _shards(out)] + [out / _META_FILE, out / _VIDEOS_FILE]
+    for f in leftovers:
+        f.unlink(missing_ok=True)
 
 
 def embed_videos(
@@ -326,10 +380,14 @@ def embed_videos(
     """Embed every video of ``videos`` into ``out_dir``; resume if it holds part of the work.
 
     Each video gives ``settings.num_clips`` clips; the encoder's features ``K x D`` of its clips
-    are averaged into one ``D`` feature (the retrieval protocol). Results are written every
-    ``shard_size`` videos as ``shard-NNNNNN.npz``; a second call with the same arguments skips
-    the videos already in a shard, so an interrupted run continues where it stopped. Videos that
-    cannot be decoded are recorded as failed (with the error) and left out.
+    are averaged into one ``D`` feature (the retrieval protocol); each video is resized and
+    centre-cropped on its own, so videos of any aspect ratio can share a batch. Results are
+    written every ``shard_size`` videos as ``shard-NNNNNN.npz``, first under a name that no reader
+    takes for a shard (``.shard-NNNNNN.npz.tmp``), then renamed. A second call with the same
+    arguments removes what an interrupted write left behind and skips the videos already in a
+    shard, so an interrupted (even killed) run continues where it stopped and embeds every video
+    exactly once. Videos that cannot be decoded are recorded as failed (with the error) and left
+    out.
 
     Args:
         encoder: ``B x C x T x H x W -> B x D`` (a backbone, or a method's ``forward``).
@@ -349,14 +407,17 @@ def embed_videos(
     Raises:
         EmbeddingsMismatchError: ``out_dir`` holds embeddings of another model, other settings
             or another video list (pass ``overwrite=True`` or a new folder).
+        OSError: ``out_dir`` cannot be created or written (e.g. ``PermissionError``); raised
+            before any video is decoded.
+        ValueError: a finished shard in ``out_dir`` is damaged (the message names it).
     """
     from tqdm.auto import tqdm
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     videos = [str(v) for v in videos]
     if not videos:
         raise ValueError("no videos to embed")
+    _prepare_output(out, overwrite)
     meta = {
         "format": _FORMAT_VERSION,
         "encoder": dict(source_info or {}),
@@ -365,9 +426,6 @@ def embed_videos(
         "videos_sha1": _list_hash(videos),
     }
     meta_file = out / _META_FILE
-    if overwrite:
-        for f in list(out.glob("shard-*.npz")) + [meta_file, out / _VIDEOS_FILE]:
-            f.unlink(missing_ok=True)
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
         for key, what in (("encoder", "model"), ("settings", "clip settings"),
@@ -383,7 +441,8 @@ def embed_videos(
 
     done, failed = _read_shards(out)
     todo = [i for i in range(len(videos)) if i not in done and i not in failed]
-    shard_no = len(list(out.glob("shard-*.npz")))
+    shards = _shards(out)
+    shard_no = shards[-1][0] + 1 if shards else 0
     encoder = encoder.to(device).eval()
     transform = EvalTransform(settings.crop_size).to(device)
     loader = torch.utils.data.DataLoader(
@@ -405,8 +464,7 @@ def embed_videos(
                 if err:
                     buf_failed[pos] = err
             if good:
-                clips = torch.stack([c for _, c in good]).to(device)  # B x K x T x H x W x C
-                feats = _encode(transform, encoder, clips)
+                feats = _encode(transform, encoder, [c for _, c in good], device)
                 dim = feats.shape[1]
                 buf_pos.extend(p for p, _ in good)
                 buf_feat.extend(feats.cpu().numpy())
@@ -424,8 +482,9 @@ def embed_videos(
 def load_embeddings(directory: PathLike) -> Embeddings:
     """Read an embeddings folder written by :func:`embed_videos` (rows in video-list order).
 
+    Only finished shards are read (never a write in progress or one an interrupted run left).
     Raises ``FileNotFoundError`` when ``directory`` is not an embeddings folder and
-    ``ValueError`` when it holds no finished video yet.
+    ``ValueError`` when it holds no finished video yet or a damaged shard.
     """
     d = Path(directory)
     if not (d / _META_FILE).is_file() or not (d / _VIDEOS_FILE).is_file():
@@ -456,11 +515,25 @@ def embed_paths(
     device: Union[str, torch.device] = "cpu",
     reader: Optional[Callable[[str, ClipSettings], torch.Tensor]] = None,
 ) -> np.ndarray:
-    """Embed a few videos in memory (e.g. search queries): ``N x D`` float32, not normalised."""
+    """Embed a few videos in memory (e.g. search queries): ``N x D`` float32, not normalised.
+
+    Raises ``OSError`` naming the video when one cannot be read (missing, not a video, or a
+    decoder failure).
+    """
     reader = reader or read_clips
     encoder = encoder.to(device).eval()
     transform = EvalTransform(settings.crop_size).to(device)
     with torch.inference_mode():
-        feats = [_encode(transform, encoder, reader(str(p), settings)[None].to(device))
+        feats = [_encode(transform, encoder, [_read_query(reader, str(p), settings)], device)
                  for p in paths]
     return torch.cat(feats).cpu().numpy()
+
+
+def _read_query(reader: Callable[[str, ClipSettings], torch.Tensor], path: str,
+                settings: ClipSettings) -> torch.Tensor:
+    try:
+        return reader(path, settings)
+    except OSError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any decoder failure means the video is unreadable
+        raise OSError(f"cannot read {path}: {type(e).__name__}: {e}") from e

@@ -146,7 +146,7 @@ def _eval_loader(datamodule: Any, split: str, num_clips: int):
         return maker(split, num_clips=num_clips)
     from torch.utils.data import DataLoader
 
-    from vidssl.data import VideoDataset, collate_videos
+    from vidssl.data import VideoDataset, collate_eval_videos
 
     datamodule.setup("fit")
     source = datamodule.train_dataset if split == "train" else datamodule.test_dataset
@@ -162,7 +162,7 @@ def _eval_loader(datamodule: Any, split: str, num_clips: int):
         stride=dm.stride,
         mode="eval",
         num_clips=num_clips,
-        short_side=dm.short_side,
+        short_side=dm.short_side or dm.crop_size,
         backend=dm.backend,
         decode_threads=dm.decode_threads,
         on_error=dm.eval_on_error,
@@ -172,7 +172,7 @@ def _eval_loader(datamodule: Any, split: str, num_clips: int):
         batch_size=dm.eval_batch_size,
         shuffle=False,
         num_workers=dm.num_workers,
-        collate_fn=collate_videos,
+        collate_fn=collate_eval_videos,
     )
 
 

@@ -224,7 +224,9 @@ class SearchIndex:
         directory.mkdir(parents=True, exist_ok=True)
         # Write to temporary names first so an interrupted save never leaves a torn index.
         tmp_index = directory / (_INDEX_FILE + ".tmp")
-        faiss.write_index(self.index, str(tmp_index))
+        # Written by Python, not faiss.write_index: a folder that cannot be written then raises
+        # an OSError naming the file (faiss raises a RuntimeError).
+        tmp_index.write_bytes(faiss.serialize_index(self.index).tobytes())
         tmp_manifest = directory / (_MANIFEST_FILE + ".tmp")
         manifest = {
             "format": _FORMAT_VERSION,
