@@ -220,6 +220,23 @@ def test_val_multiclip_and_bank(tiny_video_root):
     assert torch.equal(a, b)
 
 
+def test_a_self_sharding_batch_sampler_keeps_lightning_from_injecting_one(tiny_video_root):
+    from types import SimpleNamespace
+
+    dm = make_dm(tiny_video_root, val=str(tiny_video_root))
+    connector = SimpleNamespace(use_distributed_sampler=True)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, _accelerator_connector=connector)
+    dm.train_dataloader()
+    assert connector.use_distributed_sampler  # Lightning's own sampler: left to Lightning
+    dm.set_train_batch_sampler([[(0, 0), (1, 5)]])
+    dm.train_dataloader()
+    assert not connector.use_distributed_sampler
+    # The evaluation loaders then shard themselves, as Lightning would have.
+    shard = torch.cat([b["index"] for b in dm.val_dataloader()])
+    expected = list(range(len(dm.val_dataset)))[1::2]
+    assert shard.tolist() == expected
+
+
 def test_external_batch_sampler_with_pairs_and_workers(tiny_video_root):
     dm = make_dm(tiny_video_root, num_workers=2, repeat_anchor=True)
     dm.set_train_batch_sampler([[(0, 0), (1, 5)], [(2, 9), (3, 3)], [4, 7]])

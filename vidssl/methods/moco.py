@@ -49,7 +49,7 @@ class MoCo(VideoSSLMethod):
         version: 1 or 2; picks the temperature and head defaults.
         temperature: InfoNCE temperature; ``None`` takes the version's default.
         queue_size: number of negative keys K; must be a multiple of the global batch size,
-            and the data module must drop the last incomplete batch (:meth:`check_queue`).
+            and the data module must drop the last incomplete batch (checked at start-up).
         mlp: MLP head; ``None`` takes the version's default.
         shuffle_bn: shuffle the key batch across GPUs under DDP, or within the batch on one
             device (with ``bn_splits``).
