@@ -82,7 +82,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
     if name == "slic":
         method = ClusterTriplet(**_optim(args), **_backbone(args))
         labels = _pseudo_labels(args, start_epoch)
-        return method, [labels], {"num_views": 3, "repeat_anchor": True}
+        return method, [labels], {"views": list(method.views)}
     if name == "cluster_contrast":
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.

@@ -69,9 +69,11 @@ def main():
                 print(f"| `{name}` | {_fmt(p.default)} | {text} |")
             print()
     print("## Linked and checked arguments\n")
-    print("- `data.init_args.num_views` is set from the model's `num_views` (not set in configs).")
-    print("- A model's `queue_size` must be a multiple of `data.init_args.batch_size` x the")
-    print("  number of processes (checked before training).")
+    print("- `data.init_args.views` is set from the model's `views` (not set in configs); it sets")
+    print("  `num_views` and `repeat_anchor`, so leave those out too.")
+    print("- MoCo's `queue_size` must be a multiple of `data.init_args.batch_size` x the number")
+    print("  of processes, with `data.init_args.drop_last: true` (checked when training starts;")
+    print("  ClusterContrast's queue takes any batch).")
 
 
 if __name__ == "__main__":

@@ -122,12 +122,76 @@ def test_moco_queue_must_be_a_multiple_of_the_batch(tmp_path, tiny_video_root, c
     assert "queue_size=10" in err and "4 x 1 = 4" in err
 
 
-def test_num_views_follows_the_method(tmp_path, tiny_video_root):
+def test_moco_without_drop_last_fails_at_start_up(tmp_path, tiny_video_root, capsys):
+    cfg = _config(tmp_path, tiny_video_root, model="MoCo", queue_size=8)
+    assert main(["fit", "--config", str(cfg), "--data.init_args.drop_last=false"]) == 2
+    err = capsys.readouterr().err
+    assert "needs data.drop_last=true" in err and "Traceback" not in err
+
+
+def test_cluster_contrast_trains_with_any_queue_size(tmp_path, tiny_video_root, capsys):
+    # 10 keys, batches of 4: MoCo's K % batch rule does not apply to its wrapping queue.
+    cfg = _config(tmp_path, tiny_video_root, model="ClusterContrast", queue_size=10)
+    assert main(["fit", "--config", str(cfg), "--data.init_args.drop_last=false",
+                 "--trainer.limit_train_batches=3"]) == 0, capsys.readouterr().err
+
+
+def test_cluster_triplet_config_needs_no_view_settings(tmp_path, tiny_video_root, capsys):
+    # Pair sampling (PseudoLabels installs ClusterBatchSampler) and no repeat_anchor in the
+    # config: the data module still gives the third view the temporal loss reads.
+    cfg = _config(tmp_path, tiny_video_root, model="ClusterTriplet")
+    callback = ("--trainer.callbacks={class_path: vidssl.callbacks.PseudoLabels, init_args: "
+                "{method: kmeans, num_clusters: 2, every_n_epochs: 1}}")
+    assert main(["fit", "--config", str(cfg), callback]) == 0, capsys.readouterr().err
+    # A setting that contradicts the method's views is refused at start-up, naming the key.
+    assert main(["fit", "--config", str(cfg), "--data.init_args.num_views=3"]) == 2
+    err = capsys.readouterr().err
+    assert "data.num_views=3 disagrees" in err and "anchor_repeat" in err
+
+
+@pytest.mark.parametrize("section,key,typo,suggestion", [
+    ("model", "init_args", "temprature", "temperature"),
+    ("data", "init_args", "clip_lenn", "clip_len"),
+    ("trainer", None, "max_epoch", "max_epochs"),
+])
+def test_config_key_typo_is_one_line_with_the_closest_keys(
+    tmp_path, tiny_video_root, capsys, section, key, typo, suggestion
+):
+    cfg_path = _config(tmp_path, tiny_video_root)
+    cfg = yaml.safe_load(cfg_path.read_text())
+    (cfg[section][key] if key else cfg[section])[typo] = 1
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    where = f"{section}.init_args" if key else section
+    assert len(err) == 1, err
+    assert f"unknown key '{typo}' under {where}" in err[0] and repr(suggestion) in err[0]
+    assert "usage" not in err[0] and "valid data class_path" not in err[0]
+
+
+def test_unknown_data_class_suggests_the_right_one(tmp_path, tiny_video_root, capsys):
+    cfg = _config(tmp_path, tiny_video_root)
+    assert main(["fit", "--config", str(cfg), "--data", "VideoDataModul"]) == 2
+    err = capsys.readouterr().err
+    assert "did you mean 'vidssl.data.VideoDataModule'" in err and "usage" not in err
+
+
+def test_non_positive_learning_rate_is_one_line(tmp_path, tiny_video_root, capsys):
+    cfg = _config(tmp_path, tiny_video_root)
+    assert main(["fit", "--config", str(cfg), "--model.init_args.lr=-0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "lr must be > 0, got -0.1" in err and "Traceback" not in err
+
+
+def test_views_follow_the_method(tmp_path, tiny_video_root):
     from vidssl.cli import VidsslCLI
 
+    # No repeat_anchor / num_views in the config: the data module follows the method.
     cfg = _config(tmp_path, tiny_video_root, model="ClusterTriplet")
     cli = VidsslCLI(["--config", str(cfg)], run=False)
-    assert cli.datamodule.num_views == cli.model.num_views == 3
+    assert cli.datamodule.views == cli.model.views == ("anchor", "positive", "anchor_repeat")
+    cli = VidsslCLI(["--config", str(cfg), "--model.init_args.temporal_weight=0"], run=False)
+    assert cli.datamodule.views == cli.model.views == ("anchor", "positive")
 
 
 def test_export_backbone_round_trips_through_build(trained, tmp_path, capsys):

@@ -114,6 +114,33 @@ def test_pairs_and_repeat_anchor(numbered_index):
     assert item["positive_index"] == 2 and max(frame_ids(item["views"][1])) < 6
 
 
+def test_instance_and_pair_items_give_the_same_views(numbered_index):
+    ds = VideoDataset(numbered_index, clip_len=4, stride=2, num_views=3, repeat_anchor=True,
+                      short_side=0)
+    for item in (ds[1], ds[(1, 1)], ds[(1, 0)]):  # anchor, 2 positives, anchor again
+        a, p1, p2, r = (frame_ids(v) for v in item["views"])
+        assert a == r
+    a, p1, p2, _ = (frame_ids(v) for v in ds[(1, 1)]["views"])
+    assert not set(a) & (set(p1) | set(p2))  # same-video positives never overlap the anchor
+    assert ds[(1, 0)]["positive_index"] == 0
+
+
+def test_views_follow_the_method_declaration(tiny_video_root):
+    from vidssl.data.dataset import views_settings
+
+    assert views_settings(["anchor", "positive", "anchor_repeat"]) == (2, True)
+    dm = VideoDataModule(train=str(tiny_video_root), views=["anchor", "positive", "anchor_repeat"])
+    assert (dm.num_views, dm.repeat_anchor, dm.views) == (2, True, ("anchor", "positive",
+                                                                    "anchor_repeat"))
+    assert VideoDataModule(train="x").views == ("anchor", "positive")  # no declaration
+    with pytest.raises(ValueError, match="data.repeat_anchor=False disagrees"):
+        VideoDataModule(views=["anchor", "positive", "anchor_repeat"], repeat_anchor=False)
+    with pytest.raises(ValueError, match="unknown view 'flow'.*anchor, positive, anchor_repeat"):
+        VideoDataModule(views=["anchor", "flow"])
+    with pytest.raises(ValueError, match="cannot give views"):
+        VideoDataModule(views=["positive", "anchor"])
+
+
 def test_eval_mode_spreads_clips(numbered_index):
     ds = VideoDataset(numbered_index, clip_len=4, stride=2, mode="eval", num_clips=3)
     starts = [frame_ids(v)[0] for v in ds[1]["views"]]
@@ -193,6 +220,23 @@ def test_val_multiclip_and_bank(tiny_video_root):
     assert torch.equal(a, b)
 
 
+def test_a_self_sharding_batch_sampler_keeps_lightning_from_injecting_one(tiny_video_root):
+    from types import SimpleNamespace
+
+    dm = make_dm(tiny_video_root, val=str(tiny_video_root))
+    connector = SimpleNamespace(use_distributed_sampler=True)
+    dm.trainer = SimpleNamespace(global_rank=1, world_size=2, _accelerator_connector=connector)
+    dm.train_dataloader()
+    assert connector.use_distributed_sampler  # Lightning's own sampler: left to Lightning
+    dm.set_train_batch_sampler([[(0, 0), (1, 5)]])
+    dm.train_dataloader()
+    assert not connector.use_distributed_sampler
+    # The evaluation loaders then shard themselves, as Lightning would have.
+    shard = torch.cat([b["index"] for b in dm.val_dataloader()])
+    expected = list(range(len(dm.val_dataset)))[1::2]
+    assert shard.tolist() == expected
+
+
 def test_external_batch_sampler_with_pairs_and_workers(tiny_video_root):
     dm = make_dm(tiny_video_root, num_workers=2, repeat_anchor=True)
     dm.set_train_batch_sampler([[(0, 0), (1, 5)], [(2, 9), (3, 3)], [4, 7]])
@@ -200,7 +244,8 @@ def test_external_batch_sampler_with_pairs_and_workers(tiny_video_root):
     assert batches[0]["index"].tolist() == [0, 1]
     assert batches[0]["positive_index"].tolist() == [0, 5]
     assert len(batches[0]["views"]) == 3
-    assert batches[2]["index"].tolist() == [4, 7] and len(batches[2]["views"]) == 2
+    # Instance items get the same views as pairs: the anchor repeated last.
+    assert batches[2]["index"].tolist() == [4, 7] and len(batches[2]["views"]) == 3
     assert dm.decode_failures["train"] == 0
 
 

@@ -97,9 +97,15 @@ def test_simclr_head_has_bn():
     assert m.projection[0].out_features == m.feature_dim  # hidden = feature size
 
 
+@pytest.mark.parametrize("lr", [0.0, -0.1, float("nan")])
+def test_learning_rate_must_be_positive(lr):
+    with pytest.raises(ValueError, match=r"lr must be > 0.*model.init_args.lr"):
+        SimCLR(lr=lr, **TINY)
+
+
 def test_batch_checks():
     m = SimCLR(**TINY)
-    with pytest.raises(ValueError, match="needs 2 views per batch but the batch has 1"):
+    with pytest.raises(ValueError, match="needs 2 views per batch .* but the batch has 1"):
         m.training_step(_batch(views=1), 0)
     uint8 = _batch()
     uint8["views"] = [torch.zeros(4, 4, 16, 16, 3, dtype=torch.uint8)] * 2
@@ -114,22 +120,57 @@ def test_batch_checks():
 
 
 class _DM(pl.LightningDataModule):
-    def __init__(self, num_views=2, batch_size=4):
+    def __init__(self, num_views=2, batch_size=4, drop_last=None):
         super().__init__()
         self.num_views, self.batch_size = num_views, batch_size
+        if drop_last is not None:
+            self.drop_last = drop_last
 
     def train_dataloader(self):
-        return DataLoader(_Views(), batch_size=self.batch_size)
+        return DataLoader(_Views(), batch_size=self.batch_size,
+                          drop_last=bool(getattr(self, "drop_last", False)))
 
 
 def test_setup_checks_views_and_queue():
-    with pytest.raises(ValueError, match="needs 2 views per sample but the data module gives 1"):
+    from vidssl.methods import ConfigError
+
+    with pytest.raises(ConfigError, match="needs 2 views per sample but the data module gives 1"):
         _trainer(fast_dev_run=1).fit(SimCLR(**TINY), datamodule=_DM(num_views=1))
-    with pytest.raises(ValueError, match="queue_size=16 must be a multiple of the global batch"):
+    with pytest.raises(ConfigError, match=r"queue_size=16 is not a multiple .* 3 x 1 = 3"):
         _trainer(fast_dev_run=1).fit(MoCo(queue_size=16, **TINY), datamodule=_DM(batch_size=3))
-    m = MoCo(queue_size=16, **TINY)
-    with pytest.raises(ValueError, match="multiple of the global batch size 3"):
-        m.enqueue(torch.randn(3, 128))
+
+
+def test_moco_refuses_a_short_last_batch_at_start_up():
+    """8 clips in batches of 3 without drop_last end with a batch of 2 (MoCo: K % batch)."""
+    from vidssl.methods import ConfigError
+
+    with pytest.raises(ConfigError, match="needs data.drop_last=true"):
+        _trainer(max_epochs=2).fit(MoCo(queue_size=6, **TINY),
+                                   datamodule=_DM(batch_size=3, drop_last=False))
+    m = MoCo(queue_size=6, **TINY)  # the same with drop_last: trains, whole batches only
+    _trainer(max_epochs=2).fit(m, datamodule=_DM(batch_size=3, drop_last=True))
+    assert m.queue_ptr.item() == (2 * 2 * 3) % 6
+
+
+def test_cluster_contrast_takes_any_queue_and_batch():
+    """Its queue wraps: no K % batch rule, short batches welcome (3 GPUs x 64 with K=4096)."""
+    from vidssl.methods import ClusterContrast
+
+    ClusterContrast(queue_size=4096, **TINY).check_queue(64, drop_last=False, world_size=3)
+    with pytest.raises(ValueError, match="4096 is not a multiple .* 64 x 3 = 192"):
+        MoCo(queue_size=4096, **TINY).check_queue(64, drop_last=True, world_size=3)
+
+
+def test_moco_queue_is_a_ring_for_any_batch():
+    """A batch that does not divide the queue wraps around: the latest K keys, oldest out."""
+    m = MoCo(queue_size=4, proj_output_dim=2, **TINY)
+    keys = [torch.full((3, 2), float(i)) for i in range(3)]
+    for i, k in enumerate(keys):
+        m.enqueue(k, torch.full((3,), i))
+    # 9 keys written: slots 0..3 hold keys 8, 5, 6, 7 -> batches 2, 1, 2, 2.
+    assert m.queue[:, 0].tolist() == [2.0, 1.0, 2.0, 2.0]
+    assert m.queue_index.tolist() == [2, 1, 2, 2]
+    assert m.queue_ptr.item() == 9 % 4
 
 
 def test_set_pseudo_labels():

@@ -7,9 +7,11 @@ class path; the other subcommands (``vidssl --help`` lists them) are plain argpa
 from __future__ import annotations
 
 import argparse
+import difflib
 import errno
 import json
 import os
+import re
 import sys
 import warnings
 from collections.abc import Iterator
@@ -43,35 +45,28 @@ def _lightning_cli_class() -> type:
     from pytorch_lightning.utilities.model_helpers import is_overridden
 
     class _Parser(LightningArgumentParser):
-        """Adds the valid class names to errors about ``model`` / ``data``."""
+        """Reports config mistakes in a few lines (see :func:`_config_error`), not the usage."""
 
         def error(self, message: str, ex: Optional[Exception] = None):  # type: ignore[override]
-            import pytorch_lightning as pl
-
-            from vidssl.data import VideoDataModule
-
-            for key, base in (("model", pl.LightningModule), ("data", VideoDataModule)):
-                if f'Parser key "{key}"' in message:
-                    names = [n for n in _subclasses(base) if n.startswith("vidssl.")]
-                    message += f"\nvalid {key} class_path values: {', '.join(names)}"
-            return super().error(message, ex)
+            if not self.exit_on_error or os.environ.get("VIDSSL_TRACEBACK"):
+                return super().error(message, ex)
+            raise CLIError(_config_error(message, ex, self))
 
     class _VidsslCLI(LightningCLI):
         """``LightningCLI`` with vidssl's links and start-up checks.
 
-        - ``data.num_views`` follows the method's ``num_views`` (one value, set by the method).
-        - A MoCo-style ``queue_size`` must be a multiple of the global batch size; checked when
-          the classes are built, before any video is read.
+        - ``data.views`` follows the method's ``views`` (what its loss reads, set by the method).
         - Errors building the model or the data module (unknown backbone, missing data folder)
-          are reported as one line.
+          and the methods' start-up checks (``ConfigError``: a MoCo queue that does not fit the
+          batches) are reported as one line.
         """
 
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-            # The method knows how many views its loss needs; the data module has to produce
-            # exactly those. Linking on instantiation reads the class attribute of whichever
-            # method the config names.
+            # The method knows which views its loss reads; the data module has to produce
+            # exactly those. Linking on instantiation reads the attribute of whichever method
+            # the config names, after its arguments (ClusterTriplet's temporal_weight) are set.
             parser.link_arguments(
-                "model", "data.init_args.num_views", compute_fn=_num_views, apply_on="instantiate"
+                "model", "data.init_args.views", compute_fn=_views, apply_on="instantiate"
             )
 
         def instantiate_classes(self) -> None:
@@ -81,7 +76,6 @@ def _lightning_cli_class() -> type:
                 raise CLIError(
                     f"could not build the model / data module from the config: {_clean(e)}"
                 ) from e
-            _check_batch_against_queue(self.model, self.datamodule, self.trainer)
 
         def _early_setup(self, stage: str) -> None:
             # Read the video indexes now, so a wrong data path fails before the trainer starts
@@ -147,8 +141,12 @@ def _subclasses(base: type) -> List[str]:
     return sorted(found)
 
 
-def _num_views(model: Any) -> int:
-    return int(getattr(model, "num_views", 2))
+def _views(model: Any) -> List[str]:
+    """Return the views ``model`` reads: its ``views``, else an anchor + ``num_views - 1``."""
+    views = getattr(model, "views", None)
+    if views is None:
+        views = ("anchor",) + ("positive",) * (int(getattr(model, "num_views", 2)) - 1)
+    return list(views)
 
 
 def _resolve_last_checkpoint(trainer: Any) -> str:
@@ -179,19 +177,103 @@ def _resolve_last_checkpoint(trainer: Any) -> str:
     return str(newest)
 
 
-def _check_batch_against_queue(model: Any, datamodule: Any, trainer: Any) -> None:
-    """Fail early when a queue of negatives is not a multiple of the global batch size."""
-    queue = getattr(model, "queue_size", None)
-    batch = getattr(datamodule, "batch_size", None)
-    if not isinstance(queue, int) or not isinstance(batch, int):
-        return
-    world = int(getattr(trainer, "world_size", 1) or 1)
-    if queue % (batch * world):
-        raise CLIError(
-            f"model.queue_size={queue} is not a multiple of the global batch size "
-            f"data.batch_size x processes = {batch} x {world} = {batch * world}; each step "
-            "enqueues one global batch of keys (MoCo: K % batch == 0). Change one of them."
-        )
+# jsonargparse's wording of the mistakes _config_error rewrites.
+_CLASS_OPTION = re.compile(r"Problem with given class_path '([^']+)':\s*Option '([^']+)' is not "
+                           r"accepted")
+_CLASS_PROBLEM = re.compile(r"Problem with given class_path '([^']+)':\s*(.+)", re.S)
+_SECTION = re.compile(r'Parser key "([^"]+)"')
+_UNKNOWN_KEY = re.compile(r"(?:does not accept option|Option) '([^']+)'(?: is not accepted)?")
+
+
+def _config_error(message: str, ex: Optional[Exception], parser: Any) -> str:
+    """Rewrite a jsonargparse error as a few lines: the key, its section, the closest keys.
+
+    An unknown key names its section and the nearest valid keys (``difflib``); an unknown
+    ``class_path`` lists vidssl's classes for that section; other errors keep their innermost
+    message, without the Union wrapping and the usage text.
+    """
+    section = (_SECTION.findall(message) or [""])[0]
+    m = _CLASS_OPTION.search(message)
+    if m:
+        class_path, key = m.groups()
+        return _unknown_key(key, f"{section}.init_args ({class_path})", _init_args(class_path))
+    m = _CLASS_PROBLEM.search(message)
+    if m:
+        detail = " ".join(m.group(2).split()).split(" - Expected a <class 'NoneType'>")[0]
+        inner = re.match(r'Parser key "([^"]+)":\s*(.*)', detail)
+        if inner:
+            return f"{section}.init_args.{inner.group(1)} ({m.group(1)}): {inner.group(2)}"
+        return f"{section}.init_args ({m.group(1)}): {detail}"
+    m = _UNKNOWN_KEY.search(message)
+    if m and "class_path" not in message:
+        sub = getattr(ex, "subcommand_parser", None) or parser
+        parts = m.group(1).split(".")
+        for i, part in enumerate(parts):  # the first part that is not a key where it stands
+            where = ".".join(parts[:i])
+            valid = _parser_keys(sub, where)
+            if part not in valid or i == len(parts) - 1:
+                return _unknown_key(part, where or "the top level", valid)
+    if section in ("model", "data"):
+        given = re.search(r"(?:import path string|Import path):? '?([\w.]+)", message)
+        names = _valid_classes(section)
+        if given:
+            short = {n.rsplit(".", 1)[1]: n for n in names}
+            close = difflib.get_close_matches(given.group(1).rsplit(".", 1)[-1], list(short), 3)
+            hint = f"; did you mean {' or '.join(repr(short[c]) for c in close)}?" if close else ""
+            return (f"unknown {section} class_path {given.group(1)!r}{hint}\n"
+                    f"valid {section} class_path values: {', '.join(names)}")
+        return (f"{_clean_union(message)}\n"
+                f"valid {section} class_path values: {', '.join(names)}")
+    return _clean_union(message) + "\n(vidssl fit --help lists every option)"
+
+
+def _unknown_key(key: str, where: str, valid: Sequence[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+        f"; valid keys: {', '.join(sorted(valid))}" if valid else "")
+    return f"unknown key {key!r} under {where}{hint}"
+
+
+def _init_args(class_path: str) -> List[str]:
+    """Return the ``__init__`` argument names of ``class_path``'s class (empty if unknown)."""
+    import importlib
+    import inspect
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+        params = inspect.signature(cls).parameters.values()
+    except (ImportError, ValueError, TypeError, AttributeError):
+        return []
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _parser_keys(parser: Any, section: str) -> List[str]:
+    """Return the keys ``parser`` accepts directly under ``section`` ('': the top level)."""
+    prefix = f"{section}." if section else ""
+    keys = set()
+    for action in getattr(parser, "_actions", []):
+        dest = getattr(action, "dest", "") or ""
+        if dest.startswith(prefix) and dest != "help":
+            keys.add(dest[len(prefix):].split(".")[0])
+    return sorted(keys)
+
+
+def _clean_union(message: str) -> str:
+    lines = [ln for ln in message.splitlines() if not ln.strip().startswith(
+        ("Given value", "Subtypes:", "- Expected a <class 'NoneType'>"))]
+    return " ".join(" ".join(lines).split())
+
+
+def _valid_classes(section: str) -> List[str]:
+    """Return the class paths vidssl has for ``model`` (LightningModules) or ``data``."""
+    import pytorch_lightning as pl
+
+    from vidssl.data import VideoDataModule
+
+    base = pl.LightningModule if section == "model" else VideoDataModule
+    names = [n for n in _subclasses(base) if n.startswith("vidssl.")]
+    return names if section == "model" else ["vidssl.data.VideoDataModule", *names]
 
 
 def VidsslCLI(args: Optional[Sequence[str]] = None, run: bool = True) -> Any:  # noqa: N802
@@ -726,10 +808,12 @@ def main(args: Optional[Sequence[str]] = None) -> int:
     if argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
         print(f"vidssl: error: unknown command {argv[0]!r}\n\n{_overview()}", file=sys.stderr)
         return 2
+    from vidssl.methods.base import ConfigError
+
     try:
         # args=None lets LightningCLI read sys.argv itself (it warns when given both).
         VidsslCLI(None if args is None else argv)
-    except CLIError as e:
+    except (CLIError, ConfigError) as e:
         if os.environ.get("VIDSSL_TRACEBACK"):
             raise
         print(f"vidssl {argv[0]}: error: {e}", file=sys.stderr)

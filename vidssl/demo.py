@@ -223,7 +223,7 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
     dm = VideoDataModule(
         train=str(root), format="ucf101", clip_len=s.clip_len, stride=2,
         short_side=s.crop_size, crop_size=s.crop_size,
-        num_views=model.num_views, repeat_anchor=model.num_views == 3,
+        views=list(model.views),
         batch_size=s.batch_size, eval_num_clips=s.num_clips, num_workers=s.num_workers,
         persistent_workers=s.num_workers > 0, cache_dir=str(Path(s.cache_dir) / "manifests"),
     )

@@ -41,7 +41,9 @@ class ClusterBatchSampler(Sampler[List[Pair]]):
     by repeating the first anchors when ``num_samples`` is not a multiple of the world size, as
     ``DistributedSampler`` does), so all ranks yield the same number of batches. World size and
     rank are read from ``torch.distributed`` when the iteration starts unless given. Lightning must
-    not replace this sampler: train with ``Trainer(use_distributed_sampler=False)`` under DDP.
+    not replace this sampler: ``VideoDataModule`` sees to it when the sampler is given through
+    ``set_train_batch_sampler``; with another data module train with
+    ``Trainer(use_distributed_sampler=False)`` under DDP.
 
     Lightning calls ``set_epoch`` through the ``sampler`` attribute (it calls
     ``dataloader.batch_sampler.sampler.set_epoch``), which is why ``sampler`` returns ``self``.
@@ -80,8 +82,9 @@ class ClusterBatchSampler(Sampler[List[Pair]]):
             # What Lightning does when it tries to inject a DistributedSampler under DDP.
             raise TypeError(
                 f"ClusterBatchSampler takes the number of videos, got {type(num_samples).__name__}"
-                ". Under DDP pass Trainer(use_distributed_sampler=False): this sampler shards "
-                "itself across ranks."
+                ": Lightning tried to inject a DistributedSampler, but this sampler shards "
+                "itself across ranks. Give it to VideoDataModule.set_train_batch_sampler (which "
+                "stops the injection), or pass Trainer(use_distributed_sampler=False)."
             )
         if num_samples <= 0:
             raise ValueError(f"num_samples must be positive, got {num_samples}.")

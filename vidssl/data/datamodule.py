@@ -15,7 +15,13 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vidssl.data.augment import EvalTransform, build_augmentation
-from vidssl.data.dataset import VideoDataset, collate_eval_videos, collate_videos
+from vidssl.data.dataset import (
+    VideoDataset,
+    collate_eval_videos,
+    collate_videos,
+    views_of,
+    views_settings,
+)
 from vidssl.data.index import VideoIndex, read_index
 from vidssl.data.sampling import TemporalTransform
 
@@ -45,8 +51,12 @@ class VideoDataModule(pl.LightningDataModule):
         annotations: folder of official split files when not next to the videos.
         clip_len: frames per clip ``T``.
         stride: frame step inside a clip.
-        num_views: views per training video (instance sampling); set it to the method's
-            ``num_views``.
+        views: the training views the method needs, in order (``VideoSSLMethod.views``, e.g.
+            ``("anchor", "positive", "anchor_repeat")``); ``vidssl fit`` sets it from the model.
+            It sets ``num_views`` and ``repeat_anchor``; giving either as well with another
+            value is an error.
+        num_views: clips per training sample: the anchor and ``num_views - 1`` positives
+            (default 2, or from ``views``).
         short_side: decode-time resize of the shorter frame side (aspect kept); ``0`` keeps
             the native size for training and decodes evaluation clips at ``crop_size``.
         crop_size: output side of training crops and evaluation centre crops.
@@ -58,7 +68,8 @@ class VideoDataModule(pl.LightningDataModule):
         drop_p: probability of temporal frame drop (keep even/odd of ``2T`` frames).
         reverse_p: probability of reversing a training view.
         shuffle_p: probability of shuffling a training view's frames.
-        repeat_anchor: for pair sampling, add a third view repeating the anchor's frames.
+        repeat_anchor: add a last view repeating the anchor's frames (default ``False``, or
+            from ``views``).
         batch_size: training batch size (per process).
         eval_batch_size: val/test/bank batch size (default ``batch_size``).
         num_workers: DataLoader worker processes.
@@ -85,7 +96,8 @@ class VideoDataModule(pl.LightningDataModule):
         annotations: str | None = None,
         clip_len: int = 16,
         stride: int = 2,
-        num_views: int = 2,
+        views: list[str] | None = None,
+        num_views: int | None = None,
         short_side: int = 128,
         crop_size: int = 112,
         train_preset: str = "simclr",
@@ -94,7 +106,7 @@ class VideoDataModule(pl.LightningDataModule):
         drop_p: float = 0.0,
         reverse_p: float = 0.0,
         shuffle_p: float = 0.0,
-        repeat_anchor: bool = False,
+        repeat_anchor: bool | None = None,
         batch_size: int = 16,
         eval_batch_size: int | None = None,
         num_workers: int = 4,
@@ -118,12 +130,11 @@ class VideoDataModule(pl.LightningDataModule):
         self.annotations = annotations
         self.clip_len = clip_len
         self.stride = stride
-        self.num_views = num_views
+        self.num_views, self.repeat_anchor = _view_settings(views, num_views, repeat_anchor)
         self.short_side = short_side
         self.crop_size = crop_size
         self.eval_num_clips = eval_num_clips
         self.temporal = TemporalTransform(max_shift, drop_p, reverse_p, shuffle_p)
-        self.repeat_anchor = repeat_anchor
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -214,7 +225,17 @@ class VideoDataModule(pl.LightningDataModule):
             )
         return ds
 
-    # -- information for callbacks ------------------------------------------------------------
+    # -- information for callbacks and methods -----------------------------------------------
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The training views every batch carries, in order (``VideoSSLMethod.views`` names)."""
+        return views_of(self.num_views, self.repeat_anchor)
+
+    @property
+    def train_batch_sampler(self) -> Iterable | None:
+        """The batch sampler given by :meth:`set_train_batch_sampler`, or ``None``."""
+        return self._train_batch_sampler
 
     @property
     def train_labels(self) -> np.ndarray:
@@ -261,7 +282,9 @@ class VideoDataModule(pl.LightningDataModule):
 
         The sampler lives in the main process, so it can change what it yields (e.g. after new
         pseudo-labels) without restarting workers. Under DDP it must itself yield each rank's
-        share (Lightning does not re-shard a custom batch sampler). ``None`` restores shuffling.
+        share, as ``ClusterBatchSampler`` does: the training loader then tells the trainer not
+        to inject a ``DistributedSampler`` (no ``use_distributed_sampler=False`` needed), and
+        the validation and test loaders shard themselves. ``None`` restores shuffling.
         """
         self._train_batch_sampler = batch_sampler
 
@@ -281,20 +304,37 @@ class VideoDataModule(pl.LightningDataModule):
         """Return shuffled training batches, or the external batch sampler's batches when set."""
         ds = self._require(self.train_dataset, "train")
         if self._train_batch_sampler is not None:
+            _keep_own_sampler(getattr(self, "trainer", None))
             return self._loader(ds, batch_sampler=self._train_batch_sampler)
         return self._loader(ds, batch_size=self.batch_size, shuffle=True, drop_last=self.drop_last)
 
     def val_dataloader(self) -> DataLoader:
-        """Return validation batches: ``eval_num_clips`` spread clips per video, fixed order."""
-        return self._loader(
-            self._require(self.val_dataset, "val"), batch_size=self.eval_batch_size, shuffle=False
-        )
+        """Return validation batches: ``eval_num_clips`` spread clips per video, fixed order.
+
+        Under DDP each rank gets a shard, as in :meth:`eval_dataloader`.
+        """
+        return self._eval_loader(self._require(self.val_dataset, "val"))
 
     def test_dataloader(self) -> DataLoader:
-        """Return test batches: ``eval_num_clips`` spread clips per video, fixed order."""
-        return self._loader(
-            self._require(self.test_dataset, "test"), batch_size=self.eval_batch_size, shuffle=False
-        )
+        """Return test batches: ``eval_num_clips`` spread clips per video, fixed order.
+
+        Under DDP each rank gets a shard, as in :meth:`eval_dataloader`.
+        """
+        return self._eval_loader(self._require(self.test_dataset, "test"))
+
+    def _eval_loader(
+        self, ds: VideoDataset, rank: int | None = None, world_size: int | None = None
+    ) -> DataLoader:
+        # Sharded here rather than by Lightning, which is told to keep its hands off when a
+        # batch sampler shards the training data itself (_keep_own_sampler).
+        if world_size is None:
+            rank, world_size = _rank_and_world(self)
+        if world_size > 1:
+            sampler = DistributedSampler(
+                ds, num_replicas=world_size, rank=rank or 0, shuffle=False, drop_last=False
+            )
+            return self._loader(ds, batch_size=self.eval_batch_size, sampler=sampler)
+        return self._loader(ds, batch_size=self.eval_batch_size, shuffle=False)
 
     def eval_dataloader(
         self,
@@ -315,9 +355,9 @@ class VideoDataModule(pl.LightningDataModule):
         dataset index, so gathered features can be de-duplicated. ``rank`` and ``world_size``
         default to the attached trainer's (or ``torch.distributed``'s, or a single process).
         """
-        return self._eval_loader(split, num_clips, rank, world_size)
+        return self._split_loader(split, num_clips, rank, world_size)
 
-    def _eval_loader(
+    def _split_loader(
         self,
         split: str,
         num_clips: int,
@@ -327,14 +367,7 @@ class VideoDataModule(pl.LightningDataModule):
     ) -> DataLoader:
         source = self._require(getattr(self, f"{split}_dataset", None), split)
         ds = self._dataset(source.index, "eval", num_clips, on_error)
-        if world_size is None:
-            rank, world_size = _rank_and_world(self)
-        if world_size > 1:
-            sampler = DistributedSampler(
-                ds, num_replicas=world_size, rank=rank or 0, shuffle=False, drop_last=False
-            )
-            return self._loader(ds, batch_size=self.eval_batch_size, sampler=sampler)
-        return self._loader(ds, batch_size=self.eval_batch_size, shuffle=False)
+        return self._eval_loader(ds, rank, world_size)
 
     def bank_dataloader(
         self, rank: int | None = None, world_size: int | None = None
@@ -348,7 +381,7 @@ class VideoDataModule(pl.LightningDataModule):
         ``skipped_index``), under ``"raise"`` it raises.
         """
         on_error = "raise" if self.train_on_error == "raise" else "skip"
-        return self._eval_loader("train", 1, rank, world_size, on_error)
+        return self._split_loader("train", 1, rank, world_size, on_error)
 
     # -- augmentation -------------------------------------------------------------------------
 
@@ -373,6 +406,34 @@ class VideoDataModule(pl.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         train = bool(trainer is not None and trainer.training)
         return self.augment(batch, train=train)
+
+
+def _view_settings(
+    views: list[str] | None, num_views: int | None, repeat_anchor: bool | None
+) -> tuple[int, bool]:
+    """``(num_views, repeat_anchor)`` from the method's ``views`` or the explicit settings."""
+    if views is None:
+        return (2 if num_views is None else num_views), bool(repeat_anchor)
+    wanted = views_settings(views)
+    for key, given, value in (("num_views", num_views, wanted[0]),
+                              ("repeat_anchor", repeat_anchor, wanted[1])):
+        if given is not None and given != value:
+            raise ValueError(
+                f"data.{key}={given} disagrees with the views the method needs "
+                f"({', '.join(views)}: {key}={value}); leave data.{key} out, it follows the method"
+            )
+    return wanted
+
+
+def _keep_own_sampler(trainer: pl.Trainer | None) -> None:
+    """Stop ``trainer`` from replacing the training batch sampler by a ``DistributedSampler``.
+
+    The same as ``Trainer(use_distributed_sampler=False)``, which Lightning reads when it
+    prepares each loader, after this hook; the evaluation loaders shard themselves.
+    """
+    connector = getattr(trainer, "_accelerator_connector", None)
+    if connector is not None and getattr(connector, "use_distributed_sampler", False):
+        connector.use_distributed_sampler = False
 
 
 def _rank_and_world(dm: pl.LightningDataModule) -> tuple[int, int]:

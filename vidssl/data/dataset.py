@@ -25,7 +25,16 @@ from vidssl.data.sampling import (
     uniform_clips,
 )
 
-__all__ = ["VideoDataset", "centre_square", "collate_eval_videos", "collate_videos", "Item"]
+__all__ = [
+    "VIEWS",
+    "Item",
+    "VideoDataset",
+    "centre_square",
+    "collate_eval_videos",
+    "collate_videos",
+    "views_of",
+    "views_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +42,35 @@ log = logging.getLogger(__name__)
 Item = Union[int, Sequence[int]]
 
 OnError = Literal["resample", "raise", "skip"]
+
+#: The training views a method can ask for (``VideoSSLMethod.views``), in the order they come:
+#: a clip of the sample's video, other clips of it (or of the pair's positive video), and the
+#: anchor's frames again (augmented independently: SLIC's temporal-discrimination view).
+VIEWS = ("anchor", "positive", "anchor_repeat")
+
+
+def views_of(num_views: int, repeat_anchor: bool) -> tuple[str, ...]:
+    """Name the training views a ``VideoDataset(num_views, repeat_anchor)`` gives, in order."""
+    return ("anchor",) + ("positive",) * (num_views - 1) + ("anchor_repeat",) * repeat_anchor
+
+
+def views_settings(views: Sequence[str]) -> tuple[int, bool]:
+    """Return the ``(num_views, repeat_anchor)`` that give ``views``; ValueError if none do.
+
+    ``views`` is ``"anchor"``, then any number of ``"positive"``, then at most one
+    ``"anchor_repeat"``.
+    """
+    views = tuple(views)
+    unknown = [v for v in views if v not in VIEWS]
+    if unknown:
+        raise ValueError(f"unknown view {unknown[0]!r} in views={list(views)}; valid: "
+                         f"{', '.join(VIEWS)}")
+    repeat = bool(views) and views[-1] == "anchor_repeat"
+    num_views = len(views) - repeat
+    if num_views < 1 or views_of(num_views, repeat) != views:
+        raise ValueError(f"cannot give views={list(views)}: the data gives 'anchor', then "
+                         "'positive' views, then at most one 'anchor_repeat'")
+    return num_views, repeat
 
 
 class VideoDataset(Dataset):
@@ -42,9 +80,11 @@ class VideoDataset(Dataset):
     mode each view is a random clip (later views shifted from the first by ``temporal.max_shift``
     when set), in ``"eval"`` mode the views are ``num_clips`` clips spread evenly over the video
     (one centre clip when ``num_clips == 1``). ``dataset[(a, p)]`` (pair sampling, as
-    cluster-guided batch samplers yield) returns view 0 from ``a`` and view 1 from ``p``; when
-    ``p == a`` the positive clip does not overlap the anchor's (SLIC); with ``repeat_anchor`` a
-    third view repeats the anchor's frames. All views of one video come from one decoder pass.
+    cluster-guided batch samplers yield) returns view 0 from ``a`` and views ``1..num_views-1``
+    from ``p``; when ``p == a`` the positive clips do not overlap the anchor's (SLIC). In
+    ``"train"`` mode, ``repeat_anchor`` adds one last view repeating the anchor's frames, for
+    either sampling, so both give the same views (``VIEWS``). All views of one video come from
+    one decoder pass.
 
     Each item is a dict: ``views`` (list of uint8 ``T x H x W x C`` tensors), ``index`` (int, the
     dataset index of the video or anchor that was actually decoded), ``label`` (int, -1 unknown)
@@ -54,7 +94,8 @@ class VideoDataset(Dataset):
         index: the probed :class:`~vidssl.data.index.VideoIndex`.
         clip_len: frames per clip ``T``.
         stride: frame step inside a clip.
-        num_views: views per video for instance sampling in ``"train"`` mode.
+        num_views: clips per sample in ``"train"`` mode: the anchor and ``num_views - 1``
+            positives (other clips of the video, or of the pair's positive).
         mode: ``"train"`` (random clips) or ``"eval"`` (deterministic evenly spread clips).
         num_clips: clips per video in ``"eval"`` mode (views ``0..num_clips-1``, in time order).
         temporal: temporal transforms of training views.
@@ -68,7 +109,7 @@ class VideoDataset(Dataset):
             feature banks use it, where every video must be accounted for by its own index).
         max_consecutive_failures: ``resample`` gives up with an error after this many failures
             in a row (a sign that the data, not one file, is broken).
-        repeat_anchor: for pair sampling, add a third view repeating the anchor's frames.
+        repeat_anchor: add a last view repeating the anchor's frames (augmented independently).
         positive_overlap: for pairs with ``p == a``, allow the positive to overlap the anchor.
     """
 
@@ -187,6 +228,8 @@ class VideoDataset(Dataset):
             if nf[i] <= 0:
                 raise RuntimeError("the video has no decodable frames (probing failed)")
             views = self._read(i, self._instance_clips(int(nf[i]), rng))
+            if self.repeat_anchor and self.mode == "train":
+                views.append(views[0])
             return {"views": views, "index": i, "label": int(self.index.labels[i])}
         a, p = (int(x) for x in item)
         for j in (a, p):
@@ -195,18 +238,22 @@ class VideoDataset(Dataset):
         span = clip_span(self.clip_len, self.stride)
         na = int(nf[a])
         anchor = random_clip(na, self.clip_len, self.stride, rng)
+        positives = self.num_views - 1  # one unless a method declares more
         if p == a:
-            start = (
-                int(random_clip(na, self.clip_len, self.stride, rng)[0])
-                if self.positive_overlap
-                else non_overlapping_start(int(anchor[0]), na, span, rng)
-            )
-            positive = loop_indices(start, self.clip_len, self.stride, na)
-            views = self._read(a, [anchor, positive])
+            clips = [anchor]
+            for _ in range(positives):
+                start = (
+                    int(random_clip(na, self.clip_len, self.stride, rng)[0])
+                    if self.positive_overlap
+                    else non_overlapping_start(int(anchor[0]), na, span, rng)
+                )
+                clips.append(loop_indices(start, self.clip_len, self.stride, na))
+            views = self._read(a, clips)
         else:
-            views = self._read(a, [anchor]) + self._read(
-                p, [random_clip(int(nf[p]), self.clip_len, self.stride, rng)]
-            )
+            views = self._read(a, [anchor])
+            if positives:
+                views += self._read(p, [random_clip(int(nf[p]), self.clip_len, self.stride, rng)
+                                        for _ in range(positives)])
         if self.repeat_anchor:
             views.append(views[0])
         return {

@@ -1,12 +1,13 @@
 """Self-supervised methods: the ``VideoSSLMethod`` base and one LightningModule per method."""
 
-from vidssl.methods.base import VideoSSLMethod, ema_update, momentum_copy
+from vidssl.methods.base import ConfigError, VideoSSLMethod, ema_update, momentum_copy
 from vidssl.methods.heads import ProjectionHead
 from vidssl.methods.moco import MoCo
 from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
 from vidssl.methods.simclr import SimCLR
 
 __all__ = [
+    "ConfigError",
     "LARS",
     "MoCo",
     "ProjectionHead",

@@ -19,11 +19,20 @@ from torch import nn
 from vidssl.methods.heads import ProjectionHead
 from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
 
-__all__ = ["VideoSSLMethod", "ema_update", "momentum_copy"]
+__all__ = ["ConfigError", "VideoSSLMethod", "ema_update", "momentum_copy"]
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
 LR_SCHEDULES = ("cosine", "constant")
 EMA_SCHEDULES = ("constant", "cosine")
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work, found when training starts, before the first step.
+
+    Raised by the methods' start-up checks (views the data module cannot give, a queue that
+    does not fit the batches); the message names the config keys to change, and ``vidssl fit``
+    prints it as one line.
+    """
 
 
 def _check_choice(kind: str, value: str, valid: Sequence[str]) -> str:
@@ -62,7 +71,13 @@ class VideoSSLMethod(pl.LightningModule):
 
     A method subclasses it and provides:
 
-    - ``num_views`` (class attribute): views it needs in ``batch["views"]``;
+    - ``views`` (class or instance attribute): what each entry of ``batch["views"]`` must hold,
+      in order, from the data module's vocabulary: ``"anchor"`` (a clip of the sample's video),
+      ``"positive"`` (another clip of it, or of the pair's positive video),
+      ``"anchor_repeat"`` (the anchor's frames again, augmented independently). The data module
+      follows it (``VideoDataModule(views=...)``; ``vidssl fit`` links it) and ``setup("fit")``
+      checks it. ``num_views`` is ``len(views)``; a subclass that sets only ``num_views = n``
+      (the older API) gets an anchor and ``n - 1`` positives;
     - ``required_keys`` (class attribute): further batch keys it reads (checked on the first
       batch), e.g. ``("positive_index",)``;
     - ``compute_loss(batch) -> Tensor | dict`` on an augmented batch (a dict carries ``"loss"``
@@ -98,8 +113,21 @@ class VideoSSLMethod(pl.LightningModule):
         ema_schedule: ``"constant"`` (MoCo) or ``"cosine"`` (BYOL, MoCo v3).
     """
 
-    num_views: int = 2
+    views: Tuple[str, ...] = ("anchor", "positive")
     required_keys: Tuple[str, ...] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # The older API: a class attribute num_views = n, no views.
+        n = cls.__dict__.get("num_views")
+        if isinstance(n, int) and "views" not in cls.__dict__:
+            cls.views = ("anchor",) + ("positive",) * (n - 1)
+            del cls.num_views
+
+    @property
+    def num_views(self) -> int:
+        """Views this method reads from a batch: ``len(self.views)``."""
+        return len(self.views)
 
     def __init__(
         self,
@@ -124,6 +152,12 @@ class VideoSSLMethod(pl.LightningModule):
         ema_schedule: str = "constant",
     ):
         super().__init__()
+        if not lr > 0:  # also catches NaN
+            raise ValueError(f"lr must be > 0, got {lr}: the peak learning rate "
+                             "(model.init_args.lr in a config)")
+        if weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {weight_decay} "
+                             "(model.init_args.weight_decay in a config)")
         _check_choice("optimizer", optimizer, OPTIMIZERS)
         _check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         _check_choice("ema_schedule", ema_schedule, EMA_SCHEDULES)
@@ -227,8 +261,9 @@ class VideoSSLMethod(pl.LightningModule):
         views = batch["views"]
         if len(views) < self.num_views:
             raise ValueError(
-                f"{name} needs {self.num_views} views per batch but the batch has {len(views)}; "
-                f"set num_views={self.num_views} on the data module"
+                f"{name} needs {self.num_views} views per batch ({', '.join(self.views)}) but "
+                f"the batch has {len(views)}; build the data module with views=model.views "
+                "(vidssl fit does)"
             )
         for v in views[: self.num_views]:
             if v.ndim != 5 or not v.is_floating_point():
@@ -242,14 +277,50 @@ class VideoSSLMethod(pl.LightningModule):
             raise ValueError(f"{name} needs batch keys {missing}; the batch has {list(batch)}")
 
     def setup(self, stage: str) -> None:
-        """Check that the data module provides the views this method needs, before training."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        provided = getattr(dm, "num_views", None)
-        if stage == "fit" and isinstance(provided, int) and provided < self.num_views:
-            raise ValueError(
-                f"{type(self).__name__} needs {self.num_views} views per sample but the data "
-                f"module gives {provided}; set num_views={self.num_views} on the data module"
+        """Check, before training, that the data module gives the views this method needs.
+
+        A data module with a ``views`` attribute (``VideoDataModule``) must give ``self.views``
+        as its first views; one with only ``num_views`` at least ``self.num_views`` views.
+        Raises :class:`ConfigError` naming the keys to change.
+        """
+        if stage != "fit":
+            return
+        dm = self._datamodule()
+        name = type(self).__name__
+        provided = getattr(dm, "views", None)
+        if isinstance(provided, (tuple, list)):
+            if tuple(provided[: self.num_views]) != tuple(self.views):
+                raise ConfigError(
+                    f"{name} needs the views ({', '.join(self.views)}) but the data module "
+                    f"gives ({', '.join(provided)}); leave data.num_views and "
+                    "data.repeat_anchor unset (the views follow the method), or pass "
+                    "VideoDataModule(views=model.views)"
+                )
+            return
+        count = getattr(dm, "num_views", None)
+        if isinstance(count, int) and count < self.num_views:
+            raise ConfigError(
+                f"{name} needs {self.num_views} views per sample but the data module gives "
+                f"{count}; set num_views={self.num_views} on the data module"
             )
+
+    def _datamodule(self) -> Any:
+        return getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+
+    def train_batches(self) -> Optional[Tuple[int, Optional[bool]]]:
+        """Return ``(batch size per process, drop_last)`` of training; ``None`` if unknown.
+
+        Read from the data module when training starts: the batch sampler it was given
+        (``train_batch_sampler``, e.g. the ``PseudoLabels`` callback's ``ClusterBatchSampler``)
+        if any, else its own ``batch_size`` and ``drop_last`` (``None`` when it has none).
+        """
+        dm = self._datamodule()
+        source = getattr(dm, "train_batch_sampler", None) or dm
+        size = getattr(source, "batch_size", None)
+        drop_last = getattr(source, "drop_last", None)
+        if not isinstance(size, int):
+            return None
+        return size, drop_last if isinstance(drop_last, bool) else None
 
     # ----------------------------------------------------------------- training
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:

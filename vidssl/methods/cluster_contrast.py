@@ -86,7 +86,6 @@ class ClusterContrast(MoCo):
         backbone, ...: as ``MoCo`` / ``VideoSSLMethod``.
     """
 
-    num_views = 2
     pseudo_label_defaults: Dict[str, Any] = {
         "method": "agglomerative",
         "every_n_epochs": 5,
@@ -154,21 +153,16 @@ class ClusterContrast(MoCo):
         self.drop_fraction = drop_fraction
         self.queue_size = queue_size  # MoCo's buffers hold max(queue_size, 1) keys and indices
 
-    def _check_queue(self, global_batch: int) -> None:
-        """Accept any queue size: this queue wraps around (unlike MoCo's)."""
+    def check_queue(
+        self, batch_size: int, drop_last: Optional[bool], world_size: int = 1
+    ) -> None:
+        """Accept any queue size and short batches: this queue is a ring buffer."""
 
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor, index: torch.Tensor) -> None:  # type: ignore[override]
         """Write the global batch's keys and their dataset indices into the ring buffer."""
-        if self.queue_size == 0:
-            return
-        keys, index = keys[-self.queue_size :], index[-self.queue_size :]
-        n = keys.shape[0]
-        ptr = int(self.queue_ptr)
-        slots = (ptr + torch.arange(n, device=keys.device)) % self.queue_size
-        self.queue[slots] = keys
-        self.queue_index[slots] = index
-        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+        if self.queue_size > 0:
+            self._write_queue(keys, index)
 
     def compute_loss(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Pseudo-class positives against the hardest other-class keys (batch + queue)."""

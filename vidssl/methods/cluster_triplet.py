@@ -32,7 +32,8 @@ class ClusterTriplet(VideoSSLMethod):
     A batch holds pairs ``(a, p)`` from ``ClusterBatchSampler``: ``p`` is ``a`` itself (another,
     non-overlapping clip) with probability ``p_same``, else another video of ``a``'s cluster.
     View 0 is the anchor clip, view 1 the positive (:meth:`positive_view`), view 2 the anchor's
-    frames augmented again (``a'``; data module ``repeat_anchor=True``). All views go through
+    frames augmented again (``a'``): ``views = ("anchor", "positive", "anchor_repeat")``, which
+    the data module follows (``vidssl fit`` links it; no data setting needed). All views go through
     backbone and head in one pass (one BN batch), as SLIC does. The loss is
 
     - instance triplet loss: anchors and positives are stacked (``2B`` rows); every pair of rows
@@ -80,11 +81,11 @@ class ClusterTriplet(VideoSSLMethod):
         margin: triplet margin ``m1``.
         temporal_margin: temporal discrimination margin ``m2``.
         temporal_weight: weight of the temporal discrimination loss; ``0`` turns it off and the
-            method then needs only 2 views.
+            method then needs only 2 views (``views = ("anchor", "positive")``).
         backbone, ...: as ``VideoSSLMethod``.
     """
 
-    num_views = 3
+    views = ("anchor", "positive", "anchor_repeat")
     pseudo_label_defaults: Dict[str, Any] = {
         "method": "finch",
         "level": 0,
@@ -139,7 +140,9 @@ class ClusterTriplet(VideoSSLMethod):
         self.margin = margin
         self.temporal_margin = temporal_margin
         self.temporal_weight = temporal_weight
-        self.num_views = 3 if temporal_weight > 0 else 2
+        # The re-augmented anchor is read only by the temporal loss.
+        self.views = ("anchor", "positive", "anchor_repeat") if temporal_weight > 0 else (
+            "anchor", "positive")
 
     def positive_view(self, batch: Dict[str, Any]) -> torch.Tensor:
         """Return the positive clips ``B x C x T x H x W`` (view 1).

@@ -11,7 +11,7 @@ from torch import nn
 
 from vidssl import distributed as vdist
 from vidssl.losses import info_nce
-from vidssl.methods.base import VideoSSLMethod, momentum_copy
+from vidssl.methods.base import ConfigError, VideoSSLMethod, momentum_copy
 
 __all__ = ["MoCo"]
 
@@ -48,7 +48,8 @@ class MoCo(VideoSSLMethod):
     Args:
         version: 1 or 2; picks the temperature and head defaults.
         temperature: InfoNCE temperature; ``None`` takes the version's default.
-        queue_size: number of negative keys K; must be a multiple of the global batch size.
+        queue_size: number of negative keys K; must be a multiple of the global batch size,
+            and the data module must drop the last incomplete batch (checked at start-up).
         mlp: MLP head; ``None`` takes the version's default.
         shuffle_bn: shuffle the key batch across GPUs under DDP, or within the batch on one
             device (with ``bn_splits``).
@@ -68,8 +69,6 @@ class MoCo(VideoSSLMethod):
             start-up unless this is on.
         backbone, ...: as ``VideoSSLMethod``.
     """
-
-    num_views = 2
 
     def __init__(
         self,
@@ -140,23 +139,41 @@ class MoCo(VideoSSLMethod):
         return [(self.backbone, self.key_backbone), (self.projection, self.key_projection)]
 
     # ----------------------------------------------------------------- checks
-    def _check_queue(self, global_batch: int) -> None:
-        if self.queue_size % global_batch != 0:
-            raise ValueError(
-                f"MoCo queue_size={self.queue_size} must be a multiple of the global batch size "
-                f"{global_batch} (batch size x number of processes), so that every enqueue "
-                "writes whole batches; change queue_size or the batch size"
+    def check_queue(
+        self, batch_size: int, drop_last: Optional[bool], world_size: int = 1
+    ) -> None:
+        """Raise :class:`ConfigError` unless every step enqueues one whole global batch.
+
+        MoCo's rule, as its official code has it (``_dequeue_and_enqueue`` asserts
+        ``K % batch_size == 0``; ``main_moco.py`` trains with ``drop_last=True``): ``queue_size``
+        is a multiple of ``batch_size x world_size`` and the last incomplete batch is dropped.
+        ``ClusterContrast`` lifts it (its queue takes any batch). ``drop_last=None``: unknown,
+        not checked.
+        """
+        if drop_last is False:
+            raise ConfigError(
+                f"{type(self).__name__} needs data.drop_last=true: as in the official MoCo code, "
+                "every step enqueues one whole global batch, and a short last batch would break "
+                "model.queue_size % batch == 0 (ClusterContrast's queue takes any batch)"
+            )
+        global_batch = batch_size * world_size
+        if self.queue_size % global_batch:
+            raise ConfigError(
+                f"model.queue_size={self.queue_size} is not a multiple of the global batch size "
+                f"data.batch_size x processes = {batch_size} x {world_size} = {global_batch}; "
+                "each step enqueues one global batch of keys (MoCo: K % batch == 0). Change "
+                "model.queue_size or data.batch_size."
             )
 
     def setup(self, stage: str) -> None:
-        """Check the views and ``queue_size % global batch size == 0`` before training."""
+        """Check the views and :meth:`check_queue` on the training batches, before training."""
         super().setup(stage)
-        dm = getattr(self.trainer, "datamodule", None)
-        batch_size = getattr(dm, "batch_size", None)
         if stage != "fit":
             return
-        if isinstance(batch_size, int):
-            self._check_queue(batch_size * self.trainer.world_size)
+        batches = self.train_batches()
+        if batches is not None:
+            self.check_queue(*batches, world_size=self.trainer.world_size)
+        dm = self._datamodule()
         try:
             n = int(dm.num_train_videos)  # a VideoDataModule's N; other data modules: unknown
         except Exception:  # noqa: BLE001 - no data module, no train set, no such property
@@ -220,16 +237,23 @@ class MoCo(VideoSSLMethod):
         ``index`` ``None`` stores ``-1`` (unknown video). The pointer moves past the keys.
         """
         keys = vdist.all_gather(keys)
-        n = keys.shape[0]
-        self._check_queue(n)
         if index is None:
-            index = torch.full((n,), -1, dtype=torch.long, device=keys.device)
+            index = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         else:
             index = vdist.all_gather(index.long())
+        self._write_queue(keys, index)
+
+    @torch.no_grad()
+    def _write_queue(self, keys: torch.Tensor, index: torch.Tensor) -> None:
+        # A ring buffer: the queue always holds the latest queue_size keys, whatever the batch
+        # size (with MoCo's K % batch == 0 the writes are whole batches, as in the official code).
+        k = self.queue.shape[0]
+        keys, index = keys[-k:], index[-k:]
         ptr = int(self.queue_ptr)
-        self.queue[ptr : ptr + n] = keys
-        self.queue_index[ptr : ptr + n] = index
-        self.queue_ptr.fill_((ptr + n) % self.queue_size)
+        slots = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k
+        self.queue[slots] = keys
+        self.queue_index[slots] = index
+        self.queue_ptr.fill_((ptr + keys.shape[0]) % k)
 
     @torch.no_grad()
     def remap_video_indices(self, old_to_new: torch.Tensor) -> None:

@@ -43,8 +43,6 @@ class SimCLR(VideoSSLMethod):
         backbone, ...: as ``VideoSSLMethod`` (backbone, head sizes, optimiser, schedule).
     """
 
-    num_views = 2
-
     def __init__(
         self,
         backbone: Union[str, nn.Module] = "r3d_18",
