@@ -37,7 +37,8 @@ def _copy(videos, tmp_path, broken=False):
 def _dm(root, **kw):
     return VideoDataModule(
         train=str(root), format="class_folders", clip_len=4, stride=1, short_side=40,
-        crop_size=32, num_views=3, repeat_anchor=True, train_preset="crop_flip", batch_size=4,
+        crop_size=32, views=("anchor", "positive", "anchor_repeat"), train_preset="crop_flip",
+        batch_size=4,
         num_workers=0, cache_dir=str(root.parent / "cache"), **kw,
     )
 
