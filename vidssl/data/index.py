@@ -111,11 +111,20 @@ def probe_video(path: str) -> VideoInfo:
     Frames are counted by demuxing (no decoding): video packets with a payload. decord, when
     installed, counts the same way from its own index and is used for the count so that the
     count matches what the decord backend can address.
+
+    FFmpeg's messages are kept off the terminal (:func:`~vidssl.data.decoding.quiet_ffmpeg_log`);
+    when the file cannot be read, ``error`` quotes FFmpeg's first error for it, e.g.
+    ``(... moov atom not found)`` for an MP4 cut off before its index.
     """
     import av
+    import av.logging
 
+    from vidssl.data.decoding import quiet_ffmpeg_log
+
+    path = str(path)
+    own_log = av.logging.Capture(local=True)  # this thread's messages only
     try:
-        with av.open(path) as container:
+        with quiet_ffmpeg_log(), own_log, av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             container_name = container.format.name
@@ -127,7 +136,12 @@ def probe_video(path: str) -> VideoInfo:
             num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
         return VideoInfo(num_frames, fps, width, height, exact, codec, container_name)
     except Exception as exc:  # noqa: BLE001 - any decoder failure marks the file unreadable
-        return VideoInfo(0, 0.0, 0, 0, False, error=f"{type(exc).__name__}: {exc}")
+        # PyAV appends the process's last FFmpeg error, which may be another thread's file;
+        # quote this thread's own first error instead.
+        text = str(exc).split("; last error log:")[0]
+        own = [f"[{n}] {msg.strip()}" for lvl, n, msg in own_log.logs if lvl <= av.logging.ERROR]
+        error = f"{type(exc).__name__}: {text}" + (f" ({own[0]})" if own else "")
+        return VideoInfo(0, 0.0, 0, 0, False, error=error)
 
 
 @dataclass
