@@ -149,6 +149,50 @@ def test_on_error_resample_counts_and_replaces(broken_folder, tmp_path, caplog):
         ds2[0]
 
 
+@pytest.mark.parametrize("how", ["probed_unreadable", "fails_to_decode"])
+def test_a_broken_positive_is_reported_under_its_own_path(broken_folder, tmp_path, caplog, how):
+    idx = read_folder(broken_folder).probe(cache_dir=tmp_path)
+    names = [p.rsplit("/", 1)[-1] for p in idx.paths]
+    anchor = names.index("good0.avi")
+    if how == "probed_unreadable":
+        positive = names.index("garbage.avi")
+    else:  # probes fine but the decoder fails on it (more frames claimed than it holds)
+        positive = names.index("good1.avi")
+        idx.num_frames[positive] = 500
+    bad_path = str(idx.paths[positive])
+    ds = VideoDataset(idx, clip_len=4, stride=1, on_error="raise", short_side=0)
+    with pytest.raises(RuntimeError, match="Could not decode") as err:
+        ds[(anchor, positive)]
+    assert bad_path in str(err.value) and "good0.avi" not in str(err.value)
+    ds = VideoDataset(idx, clip_len=4, stride=1, on_error="resample", short_side=0)
+    item = ds[(anchor, positive)]
+    # Replaced by a same-video pair; the replacement may hit the broken video again.
+    assert item["decode_failures"] >= 1 and item["index"] == item["positive_index"]
+    assert ds.failed_paths == [bad_path] and ds.decode_failures == item["decode_failures"]
+    warned = [r.getMessage() for r in caplog.records if "Skipping undecodable" in r.getMessage()]
+    assert len(warned) == 1 and bad_path in warned[0] and "good0.avi" not in warned[0]
+
+
+def test_probe_quotes_ffmpegs_error_and_leaves_its_log_level_alone(tmp_path):
+    import av.logging
+
+    from vidssl.data.decoding import quiet_ffmpeg_log
+
+    write_video(tmp_path / "ok.mp4", numbered_frames(8), codec="libx264")
+    data = (tmp_path / "ok.mp4").read_bytes()
+    (tmp_path / "cut.mp4").write_bytes(data[: data.find(b"moov") - 4])  # no index: unreadable
+    before = av.logging.get_level(), av.logging.get_skip_repeated()
+    infos = [probe_video(str(tmp_path / "cut.mp4")) for _ in range(2)]
+    # Each probe quotes its own error, even when the same message repeats.
+    assert all(i.num_frames == 0 and "moov atom not found" in i.error for i in infos)
+    assert (av.logging.get_level(), av.logging.get_skip_repeated()) == before
+    with quiet_ffmpeg_log():  # nests: the inner exit does not restore the level early
+        with quiet_ffmpeg_log():
+            pass
+        assert av.logging.get_level() is not None and av.logging.get_level() >= av.logging.ERROR
+    assert av.logging.get_level() == before[0]
+
+
 def test_megamind_bugy_under_both_policies(real_videos, tmp_path):
     idx = read_folder(real_videos).probe(cache_dir=tmp_path)
     i = [k for k, p in enumerate(idx.paths) if p.endswith("Megamind_bugy.avi")][0]

@@ -13,6 +13,7 @@ from vidssl.data.index import (
     read_hmdb51,
     read_index,
     read_ucf101,
+    split_list_line,
 )
 from vidssl.data.synthetic import MOTIONS, render_video, write_synthetic_dataset
 
@@ -95,6 +96,52 @@ def test_folder_class_folder_and_csv_readers(tiny_video_root, tmp_path):
     assert read_csv(csv).labels.tolist() == [3, 1]
     with pytest.raises(ValueError, match="class_folders"):
         read_index(tiny_video_root, format="nope")
+
+
+def test_split_list_line_keeps_spaces_and_takes_only_an_integer_label():
+    assert split_list_line("my videos/a b.mp4 3") == ("my videos/a b.mp4", 3)
+    assert split_list_line("  my videos/a b.mp4  ") == ("my videos/a b.mp4", None)
+    assert split_list_line("clip 2.mp4") == ("clip 2.mp4", None)  # "2.mp4" is no label
+    assert split_list_line("a.avi\t-1") == ("a.avi", -1)
+    assert split_list_line("a.avi") == ("a.avi", None)
+
+
+def test_paths_with_spaces_survive_every_list_reader(tmp_path):
+    from vidssl.evaluation.embed import find_videos
+
+    ucf = tmp_path / "UCF-101"
+    for rel in ("Jump/v a b.avi", "Run Fast/v c d.avi", "Run Fast/v e.avi"):
+        (ucf / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ucf / rel).write_bytes(b"")
+    ann = tmp_path / "ucfTrainTestlist"
+    ann.mkdir()
+    (ann / "classInd.txt").write_text("1 Jump\n2 Run Fast\n")
+    (ann / "trainlist01.txt").write_text("Jump/v a b.avi 1\nRun Fast/v c d.avi 2\n")
+    (ann / "testlist01.txt").write_text("Run Fast/v e.avi\n")
+    train = read_ucf101(tmp_path, split=1, subset="train")
+    assert train.paths.tolist() == [str(ucf / "Jump/v a b.avi"), str(ucf / "Run Fast/v c d.avi")]
+    assert train.labels.tolist() == [0, 1] and train.class_names == ["Jump", "Run Fast"]
+    assert read_ucf101(tmp_path, split=1, subset="test").paths.tolist() == [
+        str(ucf / "Run Fast/v e.avi")
+    ]
+    # A plain list (.txt, read as a CSV without commas) and find_videos read the same lines.
+    lst = tmp_path / "list.txt"
+    lst.write_text("UCF-101/Jump/v a b.avi 3\n# comment\nUCF-101/Run Fast/v e.avi\n")
+    idx = read_index(lst)
+    assert idx.paths.tolist() == [str(ucf / "Jump/v a b.avi"), str(ucf / "Run Fast/v e.avi")]
+    assert idx.labels.tolist() == [3, -1]
+    assert find_videos(lst) == idx.paths.tolist()
+    # CSV columns keep spaces too.
+    (tmp_path / "m.csv").write_text("path,label\nUCF-101/Jump/v a b.avi,Jump\n")
+    assert read_csv(tmp_path / "m.csv").paths.tolist() == [str(ucf / "Jump/v a b.avi")]
+    # HMDB51 split lines "<file> <0|1|2>" with spaces in the file name.
+    hmdb = tmp_path / "hmdb"
+    (hmdb / "testTrainMulti_7030_splits").mkdir(parents=True)
+    (hmdb / "testTrainMulti_7030_splits" / "wave_test_split1.txt").write_text(
+        "my clip 1.avi 1\nother clip.avi 2\n"
+    )
+    assert read_hmdb51(hmdb, 1, "train").paths.tolist() == [str(hmdb / "wave" / "my clip 1.avi")]
+    assert read_hmdb51(hmdb, 1, "test").paths.tolist() == [str(hmdb / "wave" / "other clip.avi")]
 
 
 def test_probe_fills_metadata_and_caches(tiny_video_root, tmp_path, monkeypatch):

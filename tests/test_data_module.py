@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import pytorch_lightning as pl
@@ -170,7 +172,8 @@ def test_batch_contract(tiny_video_root):
     dm = make_dm(tiny_video_root, num_views=2)
     assert dm.num_train_videos == 16 and dm.train_labels.tolist()[:4] == [0, 0, 0, 0]
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"views", "index", "label"}
+    assert set(batch) == {"views", "index", "label", "decode_failures"}
+    assert batch["decode_failures"].tolist() == [0, 0, 0, 0]
     assert [v.shape for v in batch["views"]] == [(4, 4, 32, 43, 3)] * 2  # 64x48 -> short side 32
     assert batch["views"][0].dtype == torch.uint8 and batch["index"].dtype == torch.int64
     assert torch.equal(batch["label"], torch.as_tensor(dm.train_labels)[batch["index"]])
@@ -264,6 +267,89 @@ def test_decode_failures_visible_from_workers(tiny_video_root, tmp_path):
     with pytest.raises(RuntimeError, match="zz_broken.avi"):
         dm.val_dataset = dm._dataset(dm.train_dataset.index, "eval")
         dm.val_dataset[bad]
+
+
+def test_decode_failures_are_logged_per_epoch_and_reported_at_the_end_of_fit(
+    tiny_video_root, tmp_path, caplog
+):
+    import csv
+    import logging
+    import shutil
+
+    from vidssl.methods import SimCLR
+
+    root = tmp_path / "vids"
+    shutil.copytree(tiny_video_root / "UCF-101" / "MoveLeft", root)
+    (root / "zz_broken.avi").write_bytes(b"\x00" * 4000)
+    dm = make_dm(root, format="folder", num_workers=2, short_side=16, crop_size=16)
+    bad = int(np.flatnonzero(["zz_broken" in p for p in dm.train_dataset.index.paths])[0])
+    # Two batches an epoch, one per worker process, each meeting the broken video once.
+    dm.set_train_batch_sampler([[bad, 0, 1], [2, bad, 3]])
+    # Workers are forked processes: a file handler sees what every one of them logs.
+    worker_log = tmp_path / "workers.log"
+    handler = logging.FileHandler(worker_log)
+    logging.getLogger("vidssl.data.dataset").addHandler(handler)
+    trainer = pl.Trainer(
+        max_epochs=2, accelerator="cpu", logger=pl.loggers.CSVLogger(tmp_path), log_every_n_steps=1,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    try:
+        with caplog.at_level(logging.WARNING, logger="vidssl.data.datamodule"):
+            trainer.fit(
+                SimCLR(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16}), datamodule=dm
+            )
+    finally:
+        logging.getLogger("vidssl.data.dataset").removeHandler(handler)
+        handler.close()
+    # Per epoch: 2 replacements, counted in the batches, so workers' counts add up.
+    with open(trainer.logger.log_dir + "/metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/decode_failures")]
+    assert [(int(r["epoch"]), float(r["train/decode_failures"])) for r in rows] == [
+        (0, 2.0), (1, 2.0)
+    ]
+    # The path is logged once over both workers and both epochs ...
+    lines = [ln for ln in worker_log.read_text().splitlines() if "Skipping undecodable" in ln]
+    assert len(lines) == 1 and "zz_broken.avi" in lines[0]
+    # ... and fit ends with one line counting distinct videos.
+    end = [r.getMessage() for r in caplog.records if "could not be decoded" in r.getMessage()]
+    assert len(end) == 1 and end[0].startswith("1 video could not be decoded and was replaced")
+
+
+def test_end_of_fit_report_counts_distinct_videos_over_processes(tiny_video_root, caplog):
+    import logging
+    from types import SimpleNamespace
+
+    dm = make_dm(tiny_video_root)
+    dm.train_dataset._failures[3] = 2  # this process met video 3 twice
+    other = torch.zeros(16, dtype=torch.int32)
+    other[[3, 7]] = 1  # the other process met videos 3 and 7
+
+    def reduce(mask, reduce_op):
+        assert reduce_op == "sum"
+        return mask + other
+
+    strategy = SimpleNamespace(root_device=torch.device("cpu"), reduce=reduce)
+    for zero in (False, True):
+        dm.trainer = SimpleNamespace(world_size=2, is_global_zero=zero, strategy=strategy)
+        with caplog.at_level(logging.WARNING, logger="vidssl.data.datamodule"):
+            dm.teardown("fit")
+            dm.teardown("validate")
+    end = [r.getMessage() for r in caplog.records if "could not be decoded" in r.getMessage()]
+    assert len(end) == 1 and end[0].startswith("2 videos could not be decoded and were replaced")
+
+
+def test_crop_larger_than_short_side_warns_once_with_the_factor(tiny_video_root):
+    with pytest.warns(UserWarning, match=r"crop_size=40 .*short_side=32.*upsampled 1\.25x") as w:
+        dm = make_dm(tiny_video_root, crop_size=40)
+        dm.setup()  # set-up runs again under Lightning: no second warning
+    assert len([x for x in w if "upsampled" in str(x.message)]) == 1
+    # Native sizes (short_side=0): the tiny videos are 64x48, below a 64 px crop.
+    with pytest.warns(UserWarning, match=r"short_side=0.*24 of 24 readable.*crop_size=64.*1\.33x"):
+        make_dm(tiny_video_root, short_side=0, crop_size=64, format="class_folders",
+                train=str(tiny_video_root / "UCF-101"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        make_dm(tiny_video_root, short_side=32, crop_size=32)
 
 
 def test_lightning_distributed_sampler_injection(tiny_video_root):

@@ -6,6 +6,7 @@ Workers decode uint8 views; ``on_after_batch_transfer`` augments them with korni
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any, Iterable, Literal
 
@@ -58,7 +59,8 @@ class VideoDataModule(pl.LightningDataModule):
         num_views: clips per training sample: the anchor and ``num_views - 1`` positives
             (default 2, or from ``views``).
         short_side: decode-time resize of the shorter frame side (aspect kept); ``0`` keeps
-            the native size for training and decodes evaluation clips at ``crop_size``.
+            the native size for training and decodes evaluation clips at ``crop_size``. Below
+            ``crop_size`` every crop is upsampled (a warning at set-up says by how much).
         crop_size: output side of training crops and evaluation centre crops.
         train_preset: training augmentation preset (``simclr``, ``slic``, ``crop_flip``).
         eval_num_clips: clips per video for val/test loaders (views ``0..N-1``; retrieval
@@ -155,6 +157,7 @@ class VideoDataModule(pl.LightningDataModule):
         self.val_dataset: VideoDataset | None = None
         self.test_dataset: VideoDataset | None = None
         self._train_batch_sampler: Iterable | None = None
+        self._warned_upsampling = False
 
     # -- indexes and datasets -----------------------------------------------------------------
 
@@ -194,11 +197,45 @@ class VideoDataModule(pl.LightningDataModule):
             repeat_anchor=self.repeat_anchor,
         )
 
+    def _warn_upsampling(self, index: VideoIndex) -> None:
+        """Warn once when frames are decoded smaller than ``crop_size`` (crops get upsampled)."""
+        if self._warned_upsampling:
+            return
+        self._warned_upsampling = True
+        if self.short_side:
+            if self.crop_size > self.short_side:
+                warnings.warn(
+                    f"crop_size={self.crop_size} is larger than short_side={self.short_side}: "
+                    f"frames are decoded with a {self.short_side} px short side and crops are "
+                    f"upsampled {self.crop_size / self.short_side:.2f}x (blurrier than the "
+                    f"network input). Set short_side >= crop_size, e.g. short_side="
+                    f"{self.crop_size}, or lower crop_size.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+            return
+        native = np.minimum(index.width, index.height)[index.num_frames > 0]
+        small = int((native < self.crop_size).sum())
+        if small:
+            warnings.warn(
+                f"short_side=0 keeps native sizes, and {small} of {len(native)} readable videos "
+                f"have a short side below crop_size={self.crop_size} (down to {native.min()} "
+                f"px): their crops are upsampled up to {self.crop_size / native.min():.2f}x. "
+                "Lower crop_size, or accept the upsampling.",
+                UserWarning,
+                stacklevel=3,
+            )
+
     def setup(self, stage: str | None = None) -> None:
-        """Read and probe the indexes (cached manifests make a second start near-instant)."""
+        """Read and probe the indexes (cached manifests make a second start near-instant).
+
+        Warns once when ``crop_size`` exceeds ``short_side`` (or, with ``short_side=0``, the
+        native short side of some videos): the crops are then upsampled.
+        """
         if self.train_dataset is None and self.train_source is not None:
             index = self._index(self.train_source, "train")
             self.train_dataset = self._dataset(index, "train")
+            self._warn_upsampling(index)
         official = self._official(self.train_source) if self.train_source else False
         val_source = self.val_source or (self.train_source if official else None)
         test_source = self.test_source or (self.train_source if official else None)
@@ -267,13 +304,48 @@ class VideoDataModule(pl.LightningDataModule):
 
     @property
     def decode_failures(self) -> dict[str, int]:
-        """Undecodable videos met so far, per split (for the trainer to log)."""
+        """Decoding failures so far, per split, summed over this process's DataLoader workers.
+
+        Training batches carry the same count per sample (``decode_failures``), which the
+        methods log as ``train/decode_failures`` each epoch, summed over processes.
+        """
         out = {}
         for name in ("train", "val", "test"):
             ds = getattr(self, f"{name}_dataset")
             if ds is not None:
                 out[name] = ds.decode_failures
         return out
+
+    def teardown(self, stage: str) -> None:
+        """At the end of ``fit``, say how many training videos failed to decode and were replaced.
+
+        One line, on the global-zero process, counting distinct videos over all epochs, all
+        DataLoader workers and (under DDP) all processes; each path was logged once when it first
+        failed (per process). Nothing is printed when every video decoded.
+        """
+        if stage != "fit" or self.train_dataset is None:
+            return
+        failed = self.train_dataset.failed_indices
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.world_size > 1:
+            mask = torch.zeros(len(self.train_dataset), dtype=torch.int32)
+            mask[torch.from_numpy(failed)] = 1
+            mask = trainer.strategy.reduce(
+                mask.to(trainer.strategy.root_device), reduce_op="sum"
+            )
+            failed = np.flatnonzero(mask.cpu().numpy() > 0)
+            if not trainer.is_global_zero:
+                return
+        n = len(failed)
+        if n:
+            log.warning(
+                "%d %s could not be decoded and %s replaced (train_on_error=%r): see the log "
+                "above for the paths, or run `vidssl check-videos --decode` on the data.",
+                n,
+                "video" if n == 1 else "videos",
+                "was" if n == 1 else "were",
+                self.train_on_error,
+            )
 
     # -- dataloaders --------------------------------------------------------------------------
 

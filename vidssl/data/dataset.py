@@ -72,6 +72,8 @@ def views_settings(views: Sequence[str]) -> tuple[int, bool]:
                          "'positive' views, then at most one 'anchor_repeat'")
     return num_views, repeat
 
+_NO_FRAMES = "the video has no decodable frames (probing failed)"
+
 
 class VideoDataset(Dataset):
     """Decode clips of indexed videos into uint8 views.
@@ -87,8 +89,13 @@ class VideoDataset(Dataset):
     one decoder pass.
 
     Each item is a dict: ``views`` (list of uint8 ``T x H x W x C`` tensors), ``index`` (int, the
-    dataset index of the video or anchor that was actually decoded), ``label`` (int, -1 unknown)
-    and, for pairs, ``positive_index``.
+    dataset index of the video or anchor that was actually decoded), ``label`` (int, -1 unknown),
+    ``decode_failures`` (int, how many videos failed to decode and were replaced while making this
+    item; always 0 under ``on_error="raise"``) and, for pairs, ``positive_index``.
+
+    A decoding failure names the video that failed: for a pair, the positive's own file when the
+    positive is the broken one. Failures are counted per video in shared memory, so the counts
+    and :attr:`failed_paths` cover every DataLoader worker (not other DDP ranks).
 
     Args:
         index: the probed :class:`~vidssl.data.index.VideoIndex`.
@@ -154,13 +161,13 @@ class VideoDataset(Dataset):
         self.max_consecutive_failures = max_consecutive_failures
         self.repeat_anchor = repeat_anchor
         self.positive_overlap = positive_overlap
-        # Shared across DataLoader workers (shared memory, inherited or pickled by torch), so the
-        # main process can read the count; increments can race rarely, acceptable for a log value.
-        self._failures = torch.zeros(1, dtype=torch.int64).share_memory_()
+        # Failures per video, shared across DataLoader workers (shared memory, inherited or
+        # pickled by torch), so the main process reads them and each path is logged once, not
+        # once per worker and epoch. Increments can race rarely: acceptable for a report.
+        self._failures = torch.zeros(len(index), dtype=torch.int32).share_memory_()
         self._decoder: VideoDecoder | None = None
         self._rng: np.random.Generator | None = None
         self._rng_key: tuple[int, int] | None = None
-        self._logged: set[str] = set()
         self._readable = np.flatnonzero(index.num_frames > 0)
 
     def __len__(self) -> int:
@@ -168,8 +175,18 @@ class VideoDataset(Dataset):
 
     @property
     def decode_failures(self) -> int:
-        """Videos that failed to decode so far (summed over all workers)."""
-        return int(self._failures.item())
+        """Decoding failures so far (one per failed attempt), summed over all workers."""
+        return int(self._failures.sum().item())
+
+    @property
+    def failed_indices(self) -> np.ndarray:
+        """Dataset indices of the videos that failed to decode at least once (all workers)."""
+        return np.flatnonzero(self._failures.numpy() > 0)
+
+    @property
+    def failed_paths(self) -> list[str]:
+        """Paths of the videos that failed to decode at least once (all workers), index order."""
+        return [str(p) for p in self.index.paths[self.failed_indices]]
 
     @property
     def labels(self) -> np.ndarray:
@@ -197,13 +214,20 @@ class VideoDataset(Dataset):
     # -- sampling ----------------------------------------------------------------------------
 
     def _read(self, i: int, clips: list[np.ndarray]) -> list[torch.Tensor]:
-        """Decode ``clips`` (index arrays) of video ``i`` in one decoder pass."""
+        """Decode ``clips`` (index arrays) of video ``i`` in one decoder pass.
+
+        Any failure is raised as :class:`_VideoError` naming ``i``, so that a pair whose positive
+        is broken is reported under the positive's path, not the anchor's.
+        """
         decoder, _ = self._state()
         w, h = int(self.index.width[i]), int(self.index.height[i])
         size = resized_size(w, h, self.short_side) if w and h else None
-        frames = decoder.read(
-            str(self.index.paths[i]), np.concatenate(clips), size, bool(self.index.exact[i])
-        )
+        try:
+            frames = decoder.read(
+                str(self.index.paths[i]), np.concatenate(clips), size, bool(self.index.exact[i])
+            )
+        except Exception as exc:  # noqa: BLE001 - any decoder error goes through the policy
+            raise _VideoError(i, exc) from exc
         out, pos = [], 0
         for c in clips:
             out.append(torch.from_numpy(frames[pos : pos + len(c)]))
@@ -226,7 +250,7 @@ class VideoDataset(Dataset):
         if isinstance(item, (int, np.integer)):
             i = int(item)
             if nf[i] <= 0:
-                raise RuntimeError("the video has no decodable frames (probing failed)")
+                raise _VideoError(i, RuntimeError(_NO_FRAMES))
             views = self._read(i, self._instance_clips(int(nf[i]), rng))
             if self.repeat_anchor and self.mode == "train":
                 views.append(views[0])
@@ -234,7 +258,7 @@ class VideoDataset(Dataset):
         a, p = (int(x) for x in item)
         for j in (a, p):
             if nf[j] <= 0:
-                raise RuntimeError(f"video {j} has no decodable frames (probing failed)")
+                raise _VideoError(j, RuntimeError(_NO_FRAMES))
         span = clip_span(self.clip_len, self.stride)
         na = int(nf[a])
         anchor = random_clip(na, self.clip_len, self.stride, rng)
@@ -269,24 +293,30 @@ class VideoDataset(Dataset):
         failures: list[str] = []
         while True:
             try:
-                return self._sample(item, rng)
+                out = self._sample(item, rng)
+                out["decode_failures"] = len(failures)
+                return out
             except Exception as exc:  # noqa: BLE001 - any decoder error goes through the policy
-                first = item if isinstance(item, (int, np.integer)) else item[0]
-                path = str(self.index.paths[int(first)])
+                if isinstance(exc, _VideoError):
+                    bad, exc = exc.index, exc.cause
+                else:  # not raised by a decoder: charge the item's (anchor) video
+                    bad = int(item if isinstance(item, (int, np.integer)) else item[0])
+                path = str(self.index.paths[bad])
                 msg = f"{path}: {type(exc).__name__}: {exc}"
+                first_time = int(self._failures[bad]) == 0
+                self._failures[bad] += 1
                 if self.on_error == "raise":
                     raise RuntimeError(
                         f"Could not decode {msg} (on_error='raise'; use on_error='resample' to "
                         "skip damaged videos, or check the file with `vidssl check-videos`)."
                     ) from exc
-                self._failures += 1
                 failures.append(msg)
-                if path not in self._logged:
-                    self._logged.add(path)
+                if first_time:
                     log.warning("Skipping undecodable video (on_error=%r): %s", self.on_error, msg)
                 if self.on_error == "skip":
-                    i = int(first)
-                    return {"views": None, "index": i, "label": int(self.index.labels[i])}
+                    i = int(item if isinstance(item, (int, np.integer)) else item[0])
+                    return {"views": None, "index": i, "label": int(self.index.labels[i]),
+                            "decode_failures": len(failures)}
                 if len(failures) >= self.max_consecutive_failures:
                     raise RuntimeError(
                         f"{len(failures)} consecutive videos failed to decode; giving up "
@@ -296,6 +326,15 @@ class VideoDataset(Dataset):
                 pool = self._readable if len(self._readable) else np.arange(len(self))
                 j = int(pool[rng.integers(len(pool))])
                 item = j if isinstance(item, (int, np.integer)) else (j, j)
+
+
+class _VideoError(Exception):
+    """A failure to decode dataset video ``index``; ``cause`` is what the decoder raised."""
+
+    def __init__(self, index: int, cause: BaseException) -> None:
+        super().__init__(f"video {index}: {type(cause).__name__}: {cause}")
+        self.index = int(index)
+        self.cause = cause
 
 
 def _stack(tensors: list[torch.Tensor]) -> torch.Tensor:

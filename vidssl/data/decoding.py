@@ -6,8 +6,9 @@ not (B-frames in AVI), resizing on decode to a short side.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from typing import Literal, Protocol, Sequence
+from typing import Iterator, Literal, Protocol, Sequence
 
 import numpy as np
 
@@ -19,6 +20,7 @@ __all__ = [
     "resized_size",
     "decord_available",
     "scan_video",
+    "quiet_ffmpeg_log",
 ]
 
 DecodeBackend = Literal["decord", "pyav"]
@@ -77,12 +79,57 @@ def _gather(unique: np.ndarray, frames: np.ndarray, indices: np.ndarray) -> np.n
     return frames[np.searchsorted(unique, indices)]
 
 
+_quiet_lock = threading.Lock()
+_quiet_state: dict = {"users": 0, "level": None, "skip_repeated": True, "sink": None}
+
+
+@contextlib.contextmanager
+def quiet_ffmpeg_log() -> Iterator[None]:
+    """Record FFmpeg's (PyAV's) error messages without letting any of them reach the terminal.
+
+    Inside, PyAV's log level is at least ``ERROR``, so errors reach PyAV: its exceptions quote
+    them and an ``av.logging.Capture(local=True)`` collects a thread's own. Messages of threads
+    without a capture of their own go to a discarded global capture instead of Python's logging,
+    whose last-resort handler prints them to stderr (into progress bars: "moov atom not found").
+    PyAV's skipping of repeated messages is off inside, so that two files failing the same way
+    each get their message. Safe to nest and to enter from several threads at once: the level
+    is set by the first to enter and restored by the last to leave, so one thread never turns
+    another's logging off mid-decode. Does not touch decord, which has its own FFmpeg
+    (``decord.logging.set_level``).
+    """
+    import av.logging
+
+    with _quiet_lock:
+        if _quiet_state["users"] == 0:
+            level = av.logging.get_level()
+            _quiet_state["level"] = level
+            if level is None or level < av.logging.ERROR:
+                av.logging.set_level(av.logging.ERROR)
+            _quiet_state["skip_repeated"] = av.logging.get_skip_repeated()
+            av.logging.set_skip_repeated(False)
+            sink = av.logging.Capture(local=False)
+            sink.__enter__()
+            _quiet_state["sink"] = sink
+        _quiet_state["users"] += 1
+    try:
+        yield
+    finally:
+        with _quiet_lock:
+            _quiet_state["users"] -= 1
+            if _quiet_state["users"] == 0:
+                _quiet_state["sink"].__exit__(None, None, None)
+                _quiet_state["sink"] = None
+                av.logging.set_skip_repeated(_quiet_state["skip_repeated"])
+                av.logging.set_level(_quiet_state["level"])
+
+
 def scan_video(path: str, max_messages: int = 5) -> tuple[int, int, list[str]]:
     """Decode every frame of ``path`` and report what the decoder complained about.
 
     A stream can be damaged yet decode without an exception: FFmpeg conceals broken macroblocks
     and only logs an error. PyAV (13 and later) silences FFmpeg's log by default, so this scan
-    raises the level to errors for its own thread while it decodes, and counts them.
+    runs under :func:`quiet_ffmpeg_log` (errors recorded, nothing printed) and collects its own
+    thread's errors.
 
     Returns:
         ``(frames, errors, messages)``: frames decoded, error messages logged by the demuxer and
@@ -92,20 +139,14 @@ def scan_video(path: str, max_messages: int = 5) -> tuple[int, int, list[str]]:
     import av
     import av.logging
 
-    level = av.logging.get_level()
-    if level is None or level < av.logging.ERROR:
-        av.logging.set_level(av.logging.ERROR)
     frames = 0
-    try:
-        # local=True: only this thread's messages, so parallel scans do not mix their logs.
-        with av.logging.Capture(local=True) as logs:
-            with av.open(path) as container:
-                stream = container.streams.video[0]
-                stream.codec_context.thread_count = 1  # messages come from this thread
-                for _ in container.decode(stream):
-                    frames += 1
-    finally:
-        av.logging.set_level(level)
+    # local=True: only this thread's messages, so parallel scans do not mix their logs.
+    with quiet_ffmpeg_log(), av.logging.Capture(local=True) as logs:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            stream.codec_context.thread_count = 1  # messages come from this thread
+            for _ in container.decode(stream):
+                frames += 1
     errors = [f"{name}: {msg.strip()}" for lvl, name, msg in logs if lvl <= av.logging.ERROR]
     return frames, len(errors), errors[:max_messages]
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,6 +31,7 @@ __all__ = [
     "read_ucf101",
     "read_hmdb51",
     "read_index",
+    "split_list_line",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,11 +111,20 @@ def probe_video(path: str) -> VideoInfo:
     Frames are counted by demuxing (no decoding): video packets with a payload. decord, when
     installed, counts the same way from its own index and is used for the count so that the
     count matches what the decord backend can address.
+
+    FFmpeg's messages are kept off the terminal (:func:`~vidssl.data.decoding.quiet_ffmpeg_log`);
+    when the file cannot be read, ``error`` quotes FFmpeg's first error for it, e.g.
+    ``(... moov atom not found)`` for an MP4 cut off before its index.
     """
     import av
+    import av.logging
 
+    from vidssl.data.decoding import quiet_ffmpeg_log
+
+    path = str(path)
+    own_log = av.logging.Capture(local=True)  # this thread's messages only
     try:
-        with av.open(path) as container:
+        with quiet_ffmpeg_log(), own_log, av.open(path) as container:
             stream = container.streams.video[0]
             ctx = stream.codec_context
             container_name = container.format.name
@@ -125,7 +136,12 @@ def probe_video(path: str) -> VideoInfo:
             num_frames = sum(1 for p in container.demux(stream) if p.size > 0)
         return VideoInfo(num_frames, fps, width, height, exact, codec, container_name)
     except Exception as exc:  # noqa: BLE001 - any decoder failure marks the file unreadable
-        return VideoInfo(0, 0.0, 0, 0, False, error=f"{type(exc).__name__}: {exc}")
+        # PyAV appends the process's last FFmpeg error, which may be another thread's file;
+        # quote this thread's own first error instead.
+        text = str(exc).split("; last error log:")[0]
+        own = [f"[{n}] {msg.strip()}" for lvl, n, msg in own_log.logs if lvl <= av.logging.ERROR]
+        error = f"{type(exc).__name__}: {text}" + (f" ({own[0]})" if own else "")
+        return VideoInfo(0, 0.0, 0, 0, False, error=error)
 
 
 @dataclass
@@ -343,7 +359,10 @@ def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
     A header row naming ``path`` (and ``label``) is optional; without it the first column is the
     path and the second, if any, the label. Labels may be integers or class names (names are
     numbered in sorted order); empty labels are ``-1``. Relative paths are resolved against
-    ``root`` (default: the CSV's folder).
+    ``root`` (default: the CSV's folder). Without a header and without commas the file is a
+    plain video list (``path [label]`` lines, as in ``.txt`` lists) read by
+    :func:`split_list_line`: paths may hold spaces, and the last token is the label only when it
+    is an integer.
     """
     path = Path(path).expanduser().resolve()
     base = Path(root).expanduser().resolve() if root is not None else path.parent
@@ -354,8 +373,12 @@ def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
         rows = rows[1:]
         pcol = header.index("path")
         lcol = header.index("label") if "label" in header else None
+    elif rows and len(rows[0]) == 1:  # a plain list: "path [int label]" lines
+        split = [split_list_line(r[0]) for r in rows]
+        rows = [[p, "" if lab is None else str(lab)] for p, lab in split]
+        pcol, lcol = 0, 1
     else:
-        pcol, lcol = 0, (1 if rows and len(rows[0]) > 1 else None)
+        pcol, lcol = 0, (1 if rows else None)
     paths = [_resolve(base / r[pcol].strip()) for r in rows]
     raw = [r[lcol].strip() if lcol is not None and lcol < len(r) else "" for r in rows]
     class_names: list[str] = []
@@ -368,6 +391,21 @@ def read_csv(path: str | os.PathLike, root: str | os.PathLike | None = None) -> 
     if not paths:
         raise ValueError(f"The CSV manifest {path} lists no videos.")
     return VideoIndex(np.array(paths), np.array(labels), class_names)
+
+
+def split_list_line(line: str) -> tuple[str, int | None]:
+    """Split one line of a video list into ``(path, label)``; the path may contain spaces.
+
+    The label is the last whitespace-separated token, and only when there are at least two
+    tokens and it parses as an integer; otherwise the whole line (stripped) is the path and the
+    label is ``None``. ``"my videos/a b.mp4 3"`` gives ``("my videos/a b.mp4", 3)``,
+    ``"my videos/a b.mp4"`` gives ``("my videos/a b.mp4", None)``.
+    """
+    line = line.strip()
+    parts = line.rsplit(None, 1)
+    if len(parts) == 2 and re.fullmatch(r"[+-]?[0-9]+", parts[1]):
+        return parts[0], int(parts[1])
+    return line, None
 
 
 def _find_dir(root: Path, names: Sequence[str]) -> Path | None:
@@ -405,15 +443,15 @@ def read_ucf101(
     classes = {}
     for line in (ann / "classInd.txt").read_text().split("\n"):
         if line.strip():
-            i, name = line.split()
-            classes[name] = int(i) - 1
+            i, name = line.split(None, 1)
+            classes[name.strip()] = int(i) - 1
     names = [n for n, _ in sorted(classes.items(), key=lambda kv: kv[1])]
     lst = ann / f"{subset}list0{split}.txt"
     paths, labels = [], []
     for line in lst.read_text().split("\n"):
         if not line.strip():
             continue
-        rel = line.split()[0]
+        rel = split_list_line(line)[0]  # "<Class>/<file> <label>" or "<Class>/<file>"
         paths.append(_resolve(root / rel))
         labels.append(classes[rel.split("/")[0]])  # the folder names the class in both lists
     return VideoIndex(np.array(paths), np.array(labels), names)
@@ -450,13 +488,13 @@ def read_hmdb51(
     suffix = f"_test_split{split}.txt"
     files = sorted(p for p in ann.iterdir() if p.name.endswith(suffix))
     names = [p.name[: -len(suffix)] for p in files]
-    want = "1" if subset == "train" else "2"
+    want = 1 if subset == "train" else 2
     paths, labels = [], []
     for label, (name, f) in enumerate(zip(names, files)):
         for line in f.read_text().split("\n"):
-            parts = line.split()
-            if len(parts) == 2 and parts[1] == want:
-                paths.append(_resolve(root / name / parts[0]))
+            file, flag = split_list_line(line)
+            if flag == want:
+                paths.append(_resolve(root / name / file))
                 labels.append(label)
     return VideoIndex(np.array(paths), np.array(labels), names)
 

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from vidssl.data.augment import EvalTransform
-from vidssl.data.index import VIDEO_EXTENSIONS
+from vidssl.data.index import VIDEO_EXTENSIONS, split_list_line
 
 __all__ = [
     "ClipSettings",
@@ -110,7 +110,9 @@ def find_videos(source: Union[PathLike, Sequence[PathLike]]) -> List[str]:
 
     ``source`` is a folder (searched recursively for :data:`VIDEO_EXTENSIONS`, sorted), a text
     file with one video path per line (relative paths are taken from the file's folder; blank
-    lines and ``#`` comments skipped), a single video file, or a list of any of these.
+    lines and ``#`` comments skipped; a path may hold spaces, and a last token that is an
+    integer, a label as in split lists, is dropped: see
+    :func:`vidssl.data.index.split_list_line`), a single video file, or a list of any of these.
     """
     if isinstance(source, (list, tuple)):
         out: List[str] = []
@@ -134,7 +136,7 @@ def find_videos(source: Union[PathLike, Sequence[PathLike]]) -> List[str]:
     if p.suffix.lower() in VIDEO_EXTENSIONS:
         return [str(p.resolve())]
     lines = [ln.strip() for ln in p.read_text().splitlines()]
-    paths = [ln.split()[0] for ln in lines if ln and not ln.startswith("#")]
+    paths = [split_list_line(ln)[0] for ln in lines if ln and not ln.startswith("#")]
     if not paths:
         raise ValueError(f"list file {p} names no videos")
     return [str((p.parent / q).resolve()) if not os.path.isabs(q) else q for q in paths]

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidssl.methods.base import log_decode_failures
+
 __all__ = ["FineTune", "LinearProbe", "VideoClassifier", "video_probs"]
 
 
@@ -118,6 +120,7 @@ class VideoClassifier(pl.LightningModule):
         bs = labels.shape[0]
         self.log("train/loss", loss, prog_bar=True, on_epoch=True, batch_size=bs)
         self.log("train/top1", acc, on_epoch=True, on_step=False, batch_size=bs)
+        log_decode_failures(self, batch)
         return loss
 
     def _evaluate(self, batch: Dict[str, Any], stage: str) -> None:

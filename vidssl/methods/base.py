@@ -19,7 +19,13 @@ from torch import nn
 from vidssl.methods.heads import ProjectionHead
 from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
 
-__all__ = ["ConfigError", "VideoSSLMethod", "ema_update", "momentum_copy"]
+__all__ = [
+    "ConfigError",
+    "VideoSSLMethod",
+    "ema_update",
+    "log_decode_failures",
+    "momentum_copy",
+]
 
 OPTIMIZERS = ("sgd", "adamw", "lars")
 LR_SCHEDULES = ("cosine", "constant")
@@ -39,6 +45,22 @@ def _check_choice(kind: str, value: str, valid: Sequence[str]) -> str:
     if value not in valid:
         raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
     return value
+
+
+def log_decode_failures(module: pl.LightningModule, batch: Dict[str, Any]) -> None:
+    """Log ``train/decode_failures``: videos replaced because they failed to decode, per epoch.
+
+    Reads the batch's optional ``decode_failures`` key (``LongTensor B``, videos replaced while
+    making each sample, see docs/concepts.md) and logs its sum over the epoch's batches and all
+    processes (``reduce_fx="sum"``, ``sync_dist=True``). Counting in the batch, not in the
+    dataset, is what adds up DataLoader workers, which are separate processes. Does nothing for
+    batches without the key.
+    """
+    if not isinstance(batch, dict) or "decode_failures" not in batch:
+        return
+    n = batch["decode_failures"]
+    module.log("train/decode_failures", n.sum().float(), on_step=False, on_epoch=True,
+               reduce_fx="sum", sync_dist=True, batch_size=int(n.shape[0]))
 
 
 def momentum_copy(module: nn.Module) -> nn.Module:
@@ -338,6 +360,7 @@ class VideoSSLMethod(pl.LightningModule):
         self.log("train/loss", out, prog_bar=True, on_epoch=True, sync_dist=True, batch_size=bs)
         for k, v in extras.items():
             self.log(f"train/{k}", v, on_epoch=True, sync_dist=True, batch_size=bs)
+        log_decode_failures(self, batch)
         return out
 
     def on_train_start(self) -> None:
