@@ -200,7 +200,8 @@ def _sprite_file(tmp_path, codec: str, max_b_frames: int = 0, velocity=(2, 1)):
     if codec not in av.codecs_available:
         pytest.skip(f"this PyAV build has no {codec} encoder")
     frames, masks = moving_sprite(num_frames=12, width=128, height=96, velocity=velocity)
-    path = tmp_path / f"{codec}_{max_b_frames}.{'mp4' if codec == 'libx264' else 'avi'}"
+    ext = {"libx264": "mp4", "mpeg2video": "mpg"}.get(codec, "avi")
+    path = tmp_path / f"{codec}_{max_b_frames}.{ext}"
     write_video(path, frames, codec=codec, max_b_frames=max_b_frames)
     return path, masks
 
@@ -234,6 +235,19 @@ def test_p_frame_vectors_are_divided_by_their_reference_distance(tmp_path):
     # Frame 3 is a P-frame predicted from frame 0 (two B-frames between): 3 frames of motion.
     med = np.median(field[0][_interior(masks[3])].astype(np.float32), axis=0)
     assert np.allclose(med, (2, 1), atol=0.3), med
+
+
+def test_b_frame_vectors_from_both_directions_agree(tmp_path):
+    # MPEG-2 B-frames carry real vectors to the past and the future anchor (1-2 frames away
+    # each): after the sign flip and the distance division every frame says (+2, +1).
+    path, masks = _sprite_file(tmp_path, "mpeg2video", max_b_frames=2)
+    with av.open(str(path)) as c:
+        types = [int(f.pict_type) for f in c.decode(video=0)]
+    assert types[1:3] == [3, 3]  # B-frames, so the test exercises them
+    field = read_motion_vectors(str(path), range(1, 10)).astype(np.float32)
+    for k, t in enumerate(range(1, 10)):
+        med = np.median(field[k][_interior(masks[t])], axis=0)
+        assert np.allclose(med, (2, 1), atol=0.3), (t, types[t], med)
 
 
 def test_rasterize_paints_blocks_with_the_normalised_sign():

@@ -27,6 +27,7 @@ __all__ = [
     "quantize_flow",
     "dequantize_flow",
     "flow_path",
+    "flow_estimator",
     "compute_flow",
     "compute_flow_file",
     "flow_dataset",
@@ -168,8 +169,11 @@ def read_flow(
 
 
 # ---------------------------------------------------------------------------- computing
-def _estimator(method: str):
-    """Return ``f(prev_gray, next_gray) -> H x W x 2 float32`` for ``method``."""
+def flow_estimator(method: str):
+    """Return ``f(prev, next) -> H x W x 2`` float32 flow for ``method`` (grey uint8 images).
+
+    OpenCV runs single-threaded here: ``vidssl flow`` parallelises over videos instead.
+    """
     try:
         import cv2
     except ImportError as exc:
@@ -214,7 +218,7 @@ def compute_flow(
     """
     import av
 
-    estimate = _estimator(method)
+    estimate = flow_estimator(method)
     codes: list[np.ndarray] = []
     prev = None
     with av.open(str(video)) as container:
@@ -377,7 +381,7 @@ def flow_dataset(
     Returns:
         One :class:`FlowResult` per video (``error="skipped"`` for videos already done).
     """
-    _estimator(method)  # fail now, not once per video, when OpenCV or the method is missing
+    flow_estimator(method)  # fail now, not once per video, when OpenCV or the method is missing
     base, videos = find_flow_sources(src, root)
     dst = Path(dst).expanduser().resolve()
     dst.mkdir(parents=True, exist_ok=True)

@@ -21,6 +21,7 @@ MV_CODECS: frozenset[str] = frozenset(
 )
 
 _B_FRAME = 3  # AVPictureType: 1 I, 2 P, 3 B
+_CELL = 4  # coded pixels per rasterisation cell
 
 
 def rasterize_motion_vectors(
@@ -39,8 +40,8 @@ def rasterize_motion_vectors(
     (``source > 0``: the content will move on to ``src``; constant speed is assumed), divided by
     the reference's distance in frames (``distances = (past, future)``). Blocks referenced twice
     (bi-prediction) get the mean; blocks without a vector (intra-coded) stay zero. The field is
-    scaled from ``coded_size`` to ``size`` (both ``(width, height)``): block rectangles and
-    vectors alike.
+    scaled from ``coded_size`` to ``size`` (both ``(width, height)``): block rectangles
+    (nearest neighbour) and vectors alike.
 
     Args:
         mvs: structured array with fields ``source, w, h, dst_x, dst_y, motion_x, motion_y,
@@ -51,32 +52,35 @@ def rasterize_motion_vectors(
     """
     width, height = size
     sx, sy = width / coded_size[0], height / coded_size[1]
-    out = np.zeros((height, width, 2), np.float32)
     if len(mvs) == 0:
-        return out
+        return np.zeros((height, width, 2), np.float32)
     source = mvs["source"].astype(np.float32)
     scale = np.maximum(mvs["motion_scale"].astype(np.float32), 1.0)
     dist = np.where(source < 0, distances[0], distances[1]).astype(np.float32)
     sign = np.sign(source) / dist
     vx = sign * mvs["motion_x"] / scale * sx
     vy = sign * mvs["motion_y"] / scale * sy
-    half_w, half_h = mvs["w"].astype(np.float32) / 2, mvs["h"].astype(np.float32) / 2
-    x0 = np.clip(np.round((mvs["dst_x"] - half_w) * sx), 0, width - 1).astype(np.int64)
-    y0 = np.clip(np.round((mvs["dst_y"] - half_h) * sy), 0, height - 1).astype(np.int64)
-    x1 = np.clip(np.round((mvs["dst_x"] + half_w) * sx), x0 + 1, width).astype(np.int64)
-    y1 = np.clip(np.round((mvs["dst_y"] + half_h) * sy), y0 + 1, height).astype(np.int64)
-    # Rectangles painted at once: +v at two corners, -v at the other two, then 2-D cumsum.
-    acc = np.zeros((3, height + 1, width + 1), np.float64)
+    # Blocks are aligned to 4 coded pixels (H.264's smallest is 4x4): paint on that grid, with
+    # +v at two corners of each rectangle and -v at the other two, then a 2-D cumsum; a nearest
+    # lookup maps output pixels onto the grid.
+    gw, gh = -(-coded_size[0] // _CELL), -(-coded_size[1] // _CELL)
+    half_w, half_h = mvs["w"].astype(np.int64) // 2, mvs["h"].astype(np.int64) // 2
+    dst_x, dst_y = mvs["dst_x"].astype(np.int64), mvs["dst_y"].astype(np.int64)
+    x0 = np.clip((dst_x - half_w) // _CELL, 0, gw - 1)
+    y0 = np.clip((dst_y - half_h) // _CELL, 0, gh - 1)
+    x1 = np.clip(-(-(dst_x + half_w) // _CELL), x0 + 1, gw)
+    y1 = np.clip(-(-(dst_y + half_h) // _CELL), y0 + 1, gh)
+    acc = np.zeros((3, gh + 1, gw + 1), np.float32)
     for k, v in enumerate((vx, vy, np.ones_like(vx))):
         np.add.at(acc[k], (y0, x0), v)
         np.add.at(acc[k], (y0, x1), -v)
         np.add.at(acc[k], (y1, x0), -v)
         np.add.at(acc[k], (y1, x1), v)
-    acc = acc.cumsum(axis=1).cumsum(axis=2)[:, :height, :width]
-    count = np.maximum(np.round(acc[2]), 1.0)
-    out[..., 0] = acc[0] / count
-    out[..., 1] = acc[1] / count
-    return out
+    acc = acc.cumsum(axis=1).cumsum(axis=2)[:, :gh, :gw]
+    grid = acc[:2] / np.maximum(np.round(acc[2]), 1.0)
+    gx = np.minimum(((np.arange(width) + 0.5) / sx / _CELL).astype(np.int64), gw - 1)
+    gy = np.minimum(((np.arange(height) + 0.5) / sy / _CELL).astype(np.int64), gh - 1)
+    return np.ascontiguousarray(grid[:, gy][:, :, gx].transpose(1, 2, 0))
 
 
 def _anchor_distances(types: list[int], k: int) -> tuple[int, int]:
