@@ -161,6 +161,12 @@ def test_list_file_with_root_takes_paths_from_the_root(sprite_videos, tmp_path):
     results = flow_dataset(lst, tmp_path / "flow", method="farneback", short_side=16,
                            root=root, progress=False)
     assert [(r.rel, r.frames, r.error) for r in results] == [("a/right_down.avi", 8, "")]
+    # A symlinked video keeps its place under the root (its target may be anywhere).
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "l.avi").symlink_to(root / "left_up.avi")
+    results = flow_dataset(tmp_path / "links", tmp_path / "flow3", method="farneback",
+                           short_side=16, progress=False)
+    assert [(r.rel, r.error) for r in results] == [("l.avi", "")]
     lst.write_text(f"{root / 'a/right_down.avi'}\n")  # absolute, outside the root given
     with pytest.raises(ValueError, match="not under the root"):
         flow_dataset(lst, tmp_path / "flow2", method="dis", root=tmp_path / "elsewhere")

@@ -302,7 +302,8 @@ def find_flow_sources(
             videos = [_resolve(base / n) for n in names]
         if not videos:
             raise ValueError(f"The list {src} names no videos.")
-    outside = [v for v in videos if base not in Path(v).resolve().parents]
+    # abspath, not resolve: a symlinked video keeps its place in the tree.
+    outside = [v for v in videos if base not in Path(os.path.abspath(v)).parents]
     if outside:
         raise ValueError(
             f"{len(outside)} videos are not under the root {base} (e.g. {outside[0]}); pass "
@@ -399,7 +400,7 @@ def flow_dataset(
     kwargs = {"method": method, "short_side": short_side, "bound": bound}
     jobs, results = [], []
     for video in videos:
-        rel = Path(video).resolve().relative_to(base).as_posix()
+        rel = Path(os.path.abspath(video)).relative_to(base).as_posix()
         out = flow_path(dst, rel)
         if out.exists() and not overwrite:
             if rel not in entries:
@@ -451,9 +452,9 @@ def missing_flow(
     out = []
     for v in videos:
         p = Path(v)
-        if p.is_absolute() and base not in p.resolve().parents:
+        if p.is_absolute() and base not in Path(os.path.abspath(p)).parents:
             raise ValueError(f"{v} is not under the flow source folder {base}; pass root=.")
-        rel = p.resolve().relative_to(base) if p.is_absolute() else p
+        rel = Path(os.path.abspath(p)).relative_to(base) if p.is_absolute() else p
         if not flow_path(dst, rel).exists():
             out.append(str(v))
     return out
