@@ -4,7 +4,8 @@ Prints, each measured side by side in one run:
 
 1. frames/s of ``flow_dataset`` (decode, grey + resize on decode, flow, quantise, atomic write,
    manifest) for TV-L1 and DIS against a plain OpenCV loop computing the same flow on the same
-   frames already decoded into memory (the limit: flow computation alone);
+   frames already decoded into memory (the limit: flow computation alone), alternated video by
+   video; then ``flow_dataset`` with ``--workers`` processes over all videos;
 2. per-clip cost of reading stored flow (``read_flow``, memory-mapped) and of extracting
    compressed-stream motion vectors (``read_motion_vectors``) against decoding the RGB frames
    of the same clips at the same size (decord, and PyAV sequentially like the MV path).
@@ -62,27 +63,32 @@ def _count(path: Path) -> int:
 
 
 def bench_compute(paths, src: Path, method: str, short_side: int, workers: int):
-    total = sum(_count(p) for p in paths)
-    greys = [grey_frames(p, short_side) for p in paths]
+    """Frames/s of the plain loop and of flow_dataset, alternated video by video (A B A B)."""
+    counts = [_count(p) for p in paths]
     calc = flow_estimator(method)
-    t = time.perf_counter()
-    for g in greys:
-        for a, b in zip(g[:-1], g[1:]):
-            calc(a, b)
-    plain = total / (time.perf_counter() - t)  # T-1 pairs per video, reported per frame
-    out = {}
-    for w in sorted({1, workers}):
-        dst = Path(tempfile.mkdtemp(prefix="flowbench-"))
+    keep = Path(tempfile.mkdtemp(prefix="flowbench-"))
+    plain_s = ours_s = 0.0
+    for path in paths:
+        greys = grey_frames(path, short_side)
         t = time.perf_counter()
-        res = flow_dataset(src, dst, method=method, short_side=short_side, workers=w,
-                           progress=False)
-        out[w] = total / (time.perf_counter() - t)
+        for a, b in zip(greys[:-1], greys[1:]):
+            calc(a, b)
+        plain_s += time.perf_counter() - t
+        lst = keep.parent / f"{keep.name}.txt"
+        lst.write_text(f"{path.name}\n")
+        t = time.perf_counter()
+        res = flow_dataset(lst, keep, method=method, short_side=short_side, root=src,
+                           workers=1, progress=False)
+        ours_s += time.perf_counter() - t
         assert not any(r.error for r in res), res
-        if w == 1:
-            keep = dst
-        else:
-            shutil.rmtree(dst)
-    return plain, out, keep
+        lst.unlink()
+    total = sum(counts)
+    dst = Path(tempfile.mkdtemp(prefix="flowbench-"))
+    t = time.perf_counter()
+    flow_dataset(src, dst, method=method, short_side=short_side, workers=workers, progress=False)
+    parallel = total / (time.perf_counter() - t)
+    shutil.rmtree(dst)
+    return total / plain_s, {1: total / ours_s, workers: parallel}, keep
 
 
 def bench_clips(paths, src: Path, flow_dir: Path, args):

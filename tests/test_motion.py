@@ -161,6 +161,8 @@ def test_list_file_with_root_takes_paths_from_the_root(sprite_videos, tmp_path):
     results = flow_dataset(lst, tmp_path / "flow", method="farneback", short_side=16,
                            root=root, progress=False)
     assert [(r.rel, r.frames, r.error) for r in results] == [("a/right_down.avi", 8, "")]
+    with pytest.raises(ValueError, match="holds flow of videos under"):  # rel paths would clash
+        flow_dataset(lst, tmp_path / "flow", method="farneback", short_side=16, root=root / "a")
     # A symlinked video keeps its place under the root (its target may be anywhere).
     (tmp_path / "links").mkdir()
     (tmp_path / "links" / "l.avi").symlink_to(root / "left_up.avi")

@@ -369,7 +369,7 @@ def flow_dataset(
 
     Args:
         src: folder of videos, CSV manifest or text list (:func:`find_flow_sources`).
-        dst: output folder; must not be inside a source video folder's tree.
+        dst: output folder; one source root per folder (another root is refused).
         method: one of :data:`FLOW_METHODS`.
         short_side: decode size of the shorter side (match the RGB ``short_side``); ``None``
             keeps the native size.
@@ -394,6 +394,11 @@ def flow_dataset(
         raise ValueError(
             f"{dst} holds flow made with {made}, not {settings}: use the same settings, another "
             "output folder, or --overwrite."
+        )
+    if manifest.get("root") not in (None, str(base)) and not overwrite:
+        raise ValueError(
+            f"{dst} holds flow of videos under {manifest['root']}, not {base}: pass --root "
+            f"{manifest['root']} (paths in DST are relative to it) or use another output folder."
         )
     entries = {} if overwrite else dict(manifest.get("videos", {}))
     manifest = {**settings, "root": str(base), "videos": entries}
