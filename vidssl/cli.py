@@ -729,6 +729,31 @@ def _run_transcode(a: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# ---------------------------------------------------------------------------- flow
+def _add_flow(p: argparse.ArgumentParser) -> None:
+    p.add_argument("src", metavar="SRC", help="folder of videos, CSV or list file (trainlist01)")
+    p.add_argument("-o", "--output", required=True, metavar="DST", help="flow folder")
+    p.add_argument("--root", help="folder video paths are relative to (default: SRC's folder)")
+    p.add_argument("--method", default="tvl1", choices=("tvl1", "dis", "farneback"))
+    p.add_argument("--short-side", type=int, default=128, help="decode size, as the RGB (128)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--overwrite", action="store_true", help="recompute existing outputs")
+    p.add_argument("--strict", action="store_true", help="exit 1 when a video was unreadable")
+
+
+@_command("flow", "compute optical flow of videos offline (resumable; docs/motion.md)", _add_flow)
+def _run_flow(a: argparse.Namespace) -> int:
+    from vidssl.data.flow import flow_dataset, summarize
+
+    results = flow_dataset(a.src, a.output, method=a.method, short_side=a.short_side,
+                           root=a.root, workers=a.workers, overwrite=a.overwrite)
+    line, failed = summarize(results, a.output)
+    print(line)
+    for failure in failed:
+        print(failure, file=sys.stderr)
+    return 1 if failed and a.strict else 0
+
+
 # ---------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
     from vidssl.demo import DemoSettings

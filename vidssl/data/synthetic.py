@@ -28,6 +28,7 @@ __all__ = [
     "draw_appearance",
     "render_video",
     "numbered_frames",
+    "moving_sprite",
     "read_frame_numbers",
     "write_video",
     "write_synthetic_dataset",
@@ -125,6 +126,56 @@ def render_video(
         frame[inside] = tex[v[inside].astype(np.int64), u[inside].astype(np.int64)]
         frames[t] = frame
     return frames
+
+
+def moving_sprite(
+    num_frames: int = 12,
+    width: int = 128,
+    height: int = 96,
+    velocity: Tuple[int, int] = (2, 1),
+    sprite: int = 40,
+    seed: int = 0,
+) -> Tuple[np.ndarray, np.ndarray]:
+    """Render a textured square moving by a constant integer ``velocity`` over a static texture.
+
+    For motion tests: between frames ``t`` and ``t + 1`` every sprite pixel moves by exactly
+    ``velocity = (dx, dy)`` pixels (``+x`` right, ``+y`` down), the background not at all. Both
+    textures are smooth (a random grid upsampled bilinearly) so optical flow and a codec's
+    motion search can lock onto them. The sprite starts where it stays in view for all frames.
+
+    Returns:
+        ``(frames, masks)``: uint8 ``T x H x W x 3`` and bool ``T x H x W``, the sprite's pixels.
+    """
+    rng = np.random.default_rng(seed)
+    dx, dy = int(velocity[0]), int(velocity[1])
+    travel_x, travel_y = abs(dx) * (num_frames - 1), abs(dy) * (num_frames - 1)
+    if sprite + travel_x > width or sprite + travel_y > height:
+        raise ValueError(
+            f"a {sprite}px sprite moving {velocity} for {num_frames} frames leaves the "
+            f"{width}x{height} frame; use fewer frames, a smaller velocity or a larger frame."
+        )
+
+    def smooth(h: int, w: int, cell: int) -> np.ndarray:
+        coarse = rng.uniform(30, 225, size=(h // cell + 2, w // cell + 2, 3))
+        ys, xs = np.arange(h) / cell, np.arange(w) / cell
+        y0, x0 = ys.astype(int), xs.astype(int)
+        fy, fx = (ys - y0)[:, None, None], (xs - x0)[None, :, None]
+        top = coarse[y0][:, x0] * (1 - fx) + coarse[y0][:, x0 + 1] * fx
+        bottom = coarse[y0 + 1][:, x0] * (1 - fx) + coarse[y0 + 1][:, x0 + 1] * fx
+        return (top * (1 - fy) + bottom * fy).astype(np.uint8)
+
+    background, tex = smooth(height, width, 12), smooth(sprite, sprite, 6)
+    x0 = 0 if dx >= 0 else width - sprite
+    y0 = 0 if dy >= 0 else height - sprite
+    x0 += (width - sprite - travel_x) // 2 * (1 if dx >= 0 else -1)
+    y0 += (height - sprite - travel_y) // 2 * (1 if dy >= 0 else -1)
+    frames = np.repeat(background[None], num_frames, axis=0)
+    masks = np.zeros((num_frames, height, width), bool)
+    for t in range(num_frames):
+        x, y = x0 + dx * t, y0 + dy * t
+        frames[t, y : y + sprite, x : x + sprite] = tex
+        masks[t, y : y + sprite, x : x + sprite] = True
+    return frames, masks
 
 
 def numbered_frames(num_frames: int, width: int = 48, height: int = 32) -> np.ndarray:

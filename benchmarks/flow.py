@@ -1,0 +1,177 @@
+"""Motion sources: `vidssl flow` against a plain OpenCV loop, and per-clip reading costs.
+
+Prints, each measured side by side in one run:
+
+1. frames/s of ``flow_dataset`` (decode, grey + resize on decode, flow, quantise, atomic write,
+   manifest) for TV-L1 and DIS against a plain OpenCV loop computing the same flow on the same
+   frames already decoded into memory (the limit: flow computation alone), alternated video by
+   video; then ``flow_dataset`` with ``--workers`` processes over all videos;
+2. per-clip cost of reading stored flow (``read_flow``, memory-mapped) and of extracting
+   compressed-stream motion vectors (``read_motion_vectors``) against decoding the RGB frames
+   of the same clips at the same size (decord, and PyAV sequentially like the MV path).
+
+    .venv/bin/python benchmarks/flow.py            # 4 synthetic 320x240 videos of 48 frames
+    .venv/bin/python benchmarks/flow.py --quick    # smaller counts
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from vidssl.data.decoding import PyAVDecoder, build_decoder, resized_size
+from vidssl.data.flow import flow_dataset, flow_estimator, read_flow
+from vidssl.data.motion_vectors import read_motion_vectors
+from vidssl.data.sampling import random_clip
+from vidssl.data.synthetic import render_video, write_video
+
+
+def make_videos(root: Path, n: int, frames: int) -> list[Path]:
+    rng = np.random.default_rng(0)
+    motions = ["MoveLeft", "MoveRight", "RotateClockwise", "ZoomIn"]
+    paths = []
+    for k in range(n):
+        path = root / f"v{k:03d}.avi"
+        video = render_video(motions[k % 4], rng, num_frames=frames, width=320, height=240)
+        write_video(path, video, codec="mpeg4", max_b_frames=0, gop_size=12)
+        paths.append(path)
+    return paths
+
+
+def grey_frames(path: Path, short_side: int) -> list[np.ndarray]:
+    frames = PyAVDecoder().read(str(path), np.arange(_count(path)))
+    h, w = frames.shape[1:3]
+    size = resized_size(w, h, short_side)
+    import cv2
+
+    return [cv2.resize(cv2.cvtColor(f, cv2.COLOR_RGB2GRAY), size, interpolation=cv2.INTER_AREA)
+            for f in frames]
+
+
+def _count(path: Path) -> int:
+    import av
+
+    with av.open(str(path)) as c:
+        return sum(1 for _ in c.decode(video=0))
+
+
+def bench_compute(paths, src: Path, method: str, short_side: int, workers: int):
+    """Frames/s of the plain loop and of flow_dataset, alternated video by video (A B A B)."""
+    counts = [_count(p) for p in paths]
+    calc = flow_estimator(method)
+    keep = Path(tempfile.mkdtemp(prefix="flowbench-"))
+    plain_s = ours_s = 0.0
+    for path in paths:
+        greys = grey_frames(path, short_side)
+        t = time.perf_counter()
+        for a, b in zip(greys[:-1], greys[1:]):
+            calc(a, b)
+        plain_s += time.perf_counter() - t
+        lst = keep.parent / f"{keep.name}.txt"
+        lst.write_text(f"{path.name}\n")
+        t = time.perf_counter()
+        res = flow_dataset(lst, keep, method=method, short_side=short_side, root=src,
+                           workers=1, progress=False)
+        ours_s += time.perf_counter() - t
+        assert not any(r.error for r in res), res
+        lst.unlink()
+    total = sum(counts)
+    dst = Path(tempfile.mkdtemp(prefix="flowbench-"))
+    t = time.perf_counter()
+    flow_dataset(src, dst, method=method, short_side=short_side, workers=workers, progress=False)
+    parallel = total / (time.perf_counter() - t)
+    shutil.rmtree(dst)
+    return total / plain_s, {1: total / ours_s, workers: parallel}, keep
+
+
+def bench_clips(paths, src: Path, flow_dir: Path, args):
+    rng = np.random.default_rng(1)
+    counts = [_count(p) for p in paths]
+    plan = []
+    for _ in range(args.clips):
+        i = int(rng.integers(len(paths)))
+        plan.append((i, random_clip(counts[i], args.clip_len, args.stride, rng)))
+    import av
+
+    with av.open(str(paths[0])) as c:
+        s = c.streams.video[0]
+        size = resized_size(s.codec_context.width, s.codec_context.height, args.short_side)
+    decord = build_decoder("decord")
+    pyav = PyAVDecoder()
+
+    def rgb_decord():
+        for i, idx in plan:
+            decord.read(str(paths[i]), idx, size)
+
+    def rgb_pyav():
+        for i, idx in plan:
+            pyav.read(str(paths[i]), idx, size)
+
+    def flow():
+        for i, idx in plan:
+            read_flow(flow_dir, paths[i].relative_to(src), idx, size=size)
+
+    def mvs():
+        for i, idx in plan:
+            read_motion_vectors(str(paths[i]), idx, size=size)
+
+    times: dict[str, list[float]] = {}
+    for fn in (rgb_decord, rgb_pyav, flow, mvs) * args.repeats:  # interleaved against load
+        t = time.perf_counter()
+        fn()
+        times.setdefault(fn.__name__, []).append((time.perf_counter() - t) / len(plan))
+    return {k: float(np.median(v)) for k, v in times.items()}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--videos", type=int, default=4)
+    p.add_argument("--frames", type=int, default=48)
+    p.add_argument("--short-side", type=int, default=128)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--clips", type=int, default=40)
+    p.add_argument("--clip-len", type=int, default=16)
+    p.add_argument("--stride", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args()
+    if args.quick:
+        args.videos, args.frames, args.clips, args.repeats = 2, 24, 10, 1
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
+          f"{os.getloadavg()[0]:.1f}; {args.videos} synthetic 320x240 MPEG-4 videos of "
+          f"{args.frames} frames; short side {args.short_side}")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.mkdir()
+        paths = make_videos(src, args.videos, args.frames)
+        print("\n1. flow computation, frames/s (the plain loop has the frames decoded already)")
+        print(f"{'method':<8} {'plain cv2':>10} {'vidssl w=1':>11} {'ratio':>6} "
+              f"{'vidssl w=' + str(args.workers):>11} {'ratio':>6}")
+        flow_dir = None
+        for method in ("tvl1", "dis"):
+            plain, ours, keep = bench_compute(paths, src, method, args.short_side, args.workers)
+            w = args.workers
+            print(f"{method:<8} {plain:>10.1f} {ours[1]:>11.1f} {ours[1] / plain:>6.2f} "
+                  f"{ours[w]:>11.1f} {ours[w] / plain:>6.2f}")
+            if flow_dir is None:
+                flow_dir = keep
+            else:
+                shutil.rmtree(keep)
+        t = bench_clips(paths, src, flow_dir, args)
+        shutil.rmtree(flow_dir)
+        print(f"\n2. per clip of {args.clip_len} frames (stride {args.stride}), ms; ratio to "
+              "RGB decode with decord")
+        for name in ("rgb_decord", "rgb_pyav", "flow", "mvs"):
+            print(f"{name:<12} {1000 * t[name]:>8.2f} ms {t[name] / t['rgb_decord']:>6.2f}x")
+    print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()

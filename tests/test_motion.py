@@ -1,0 +1,292 @@
+"""Motion sources: stored optical flow and compressed-stream motion vectors, checked against a
+sprite that moves by a known vector per frame."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from scipy.ndimage import binary_erosion
+
+from vidssl.cli import main
+from vidssl.data.flow import (
+    FlowMissingError,
+    compute_flow,
+    dequantize_flow,
+    flow_dataset,
+    flow_path,
+    load_flow_manifest,
+    missing_flow,
+    quantize_flow,
+    read_flow,
+)
+from vidssl.data.motion_vectors import rasterize_motion_vectors, read_motion_vectors
+from vidssl.data.synthetic import moving_sprite, write_video
+
+pytest.importorskip("cv2")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _interior(mask: np.ndarray, step: int = 1) -> np.ndarray:
+    """The sprite minus a margin (edges mix sprite and background motion)."""
+    return binary_erosion(mask[::step, ::step], iterations=max(2, 8 // step))
+
+
+@pytest.fixture(scope="module")
+def sprite_videos(tmp_path_factory):
+    """Two sprite videos in a folder: ``a/right_down.avi`` (+2, +1) and ``left_up.avi`` (-3, -1)."""
+    root = tmp_path_factory.mktemp("sprites")
+    (root / "a").mkdir()
+    videos = {}
+    for rel, v in (("a/right_down.avi", (2, 1)), ("left_up.avi", (-3, -1))):
+        frames, masks = moving_sprite(num_frames=8, width=96, height=64, velocity=v, sprite=32)
+        write_video(root / rel, frames, codec="mpeg4")
+        videos[rel] = (v, masks)
+    return root, videos
+
+
+def test_quantisation_maps_the_documented_codes():
+    f = np.array([-25.0, -20.0, 0.0, 2.0, 20.0, 30.0])
+    q = quantize_flow(f)
+    # q = round((clip(f, -20, 20) + 20) * 255 / 40)
+    assert q.tolist() == [0, 0, 128, 140, 255, 255]
+    back = dequantize_flow(q, dtype=np.float32)
+    assert np.allclose(back, [-20, -20, 0.0784, 1.9608, 20, 20], atol=1e-3)
+    grid = np.linspace(-20, 20, 1001)
+    assert np.abs(dequantize_flow(quantize_flow(grid), dtype=np.float32) - grid).max() <= 0.079
+
+
+@pytest.mark.parametrize("method", ["tvl1", "dis"])
+def test_flow_recovers_the_sprite_velocity(sprite_videos, method):
+    root, videos = sprite_videos
+    for rel, ((dx, dy), masks) in videos.items():
+        codes, info = compute_flow(root / rel, method=method, short_side=None)
+        assert codes.dtype == np.uint8 and codes.shape == (8, 64, 96, 2)
+        assert info["frames"] == 8 and (info["width"], info["height"]) == (96, 64)
+        flow = dequantize_flow(codes, dtype=np.float32)
+        for t in range(7):  # flow t: frame t -> t + 1, on frame t's pixels
+            med = np.median(flow[t][_interior(masks[t])], axis=0)
+            assert np.allclose(med, (dx, dy), atol=0.5), (rel, method, t, med)
+            background = binary_erosion(~(masks[t] | masks[t + 1]), iterations=6)
+            assert np.abs(np.median(flow[t][background], axis=0)).max() < 0.5
+        assert np.array_equal(codes[-1], codes[-2])  # last frame repeats the flow before it
+
+
+def test_flow_command_stores_reads_and_resumes(sprite_videos, tmp_path, capsys):
+    root, videos = sprite_videos
+    dst = tmp_path / "flow"
+    assert main(["flow", str(root), "-o", str(dst), "--method", "dis", "--short-side", "32",
+                 "--workers", "1"]) == 0
+    assert "flow of 2 videos written" in capsys.readouterr().out
+    assert flow_path(dst, "a/right_down.avi") == dst / "a" / "right_down.npy"
+    manifest = load_flow_manifest(dst)
+    assert manifest["method"] == "dis" and manifest["bound"] == 20.0
+    assert manifest["root"] == str(root.resolve()) and manifest["short_side"] == 32
+    assert manifest["videos"]["a/right_down.avi"] == {"frames": 8, "width": 48, "height": 32,
+                                                       "fps": 25.0}
+    # Frames in any order with repeats, at the stored size and resized to the RGB size.
+    idx = [5, 0, 5]
+    small = read_flow(dst, "a/right_down.avi", idx)
+    assert small.dtype == np.float16 and small.shape == (3, 32, 48, 2)
+    codes = read_flow(dst, "a/right_down.avi", idx, quantized=True)
+    assert codes.dtype == np.uint8 and np.array_equal(codes[0], codes[2])
+    big = read_flow(dst, "a/right_down.avi", idx, size=(96, 64)).astype(np.float32)
+    assert big.shape == (3, 64, 96, 2)
+    _, masks = videos["a/right_down.avi"]
+    med_big = np.median(big[1][_interior(masks[0])], axis=0)
+    med_small = np.median(small[1][_interior(masks[0], 2)].astype(np.float32), axis=0)
+    assert np.all(med_small > 0.3)
+    assert np.allclose(med_big, 2 * med_small, atol=0.1), (med_big, med_small)  # scaled x2
+    with pytest.raises(IndexError, match="8 frames"):
+        read_flow(dst, "a/right_down.avi", [8])
+
+    # A kill between the write and the rename leaves a hidden temporary; a kill before the
+    # manifest flush leaves a finished file the manifest does not list. A re-run handles both.
+    done = flow_path(dst, "left_up.avi")
+    mtime = done.stat().st_mtime_ns
+    redo = flow_path(dst, "a/right_down.avi")
+    redo.unlink()
+    leftover = redo.with_name(f".{redo.name}.tmp99999")
+    leftover.write_bytes(b"half a file")
+    (dst / "flow_manifest.json").write_text(json.dumps({**manifest, "videos": {}}))
+    assert missing_flow(dst, [str(root / "a/right_down.avi"), "left_up.avi"]) == [
+        str(root / "a/right_down.avi")]
+    with pytest.raises(FlowMissingError, match="right_down.avi"):
+        read_flow(dst, "a/right_down.avi", [0])
+    assert main(["flow", str(root), "-o", str(dst), "--method", "dis", "--short-side", "32",
+                 "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "flow of 1 videos written" in out and "(1 already there" in out
+    assert done.stat().st_mtime_ns == mtime  # skipped, not recomputed
+    assert redo.exists() and not leftover.exists()
+    assert sorted(load_flow_manifest(dst)["videos"]) == ["a/right_down.avi", "left_up.avi"]
+    assert missing_flow(dst, [str(root / "a/right_down.avi"), "left_up.avi"]) == []
+    # Other settings in the same folder would mix two kinds of flow: refused.
+    assert main(["flow", str(root), "-o", str(dst), "--method", "tvl1", "--short-side", "32"]) == 2
+    assert "made with" in capsys.readouterr().err
+
+
+def test_flow_is_a_listed_command(capsys):
+    assert main([]) == 0
+    assert "  flow " in capsys.readouterr().out
+
+
+def test_damaged_videos_are_named_and_skipped(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    frames, _ = moving_sprite(num_frames=4, width=64, height=48, velocity=(1, 0), sprite=16)
+    write_video(src / "good.avi", frames)
+    (src / "noise.avi").write_bytes(np.random.default_rng(0).bytes(4096))
+    args = ["flow", str(src), "-o", str(tmp_path / "flow"), "--method", "dis", "--workers", "1"]
+    assert main(args) == 0
+    cap = capsys.readouterr()
+    assert "flow of 1 videos written" in cap.out and "1 failed and skipped" in cap.out
+    assert "noise.avi" in cap.err and "good.avi" not in cap.err
+    assert main(args + ["--strict"]) == 1
+    assert list(load_flow_manifest(tmp_path / "flow")["videos"]) == ["good.avi"]
+
+
+def test_list_file_with_root_takes_paths_from_the_root(sprite_videos, tmp_path):
+    root, _ = sprite_videos
+    lst = tmp_path / "trainlist01.txt"
+    lst.write_text("a/right_down.avi 1\n# a comment\n\n")
+    results = flow_dataset(lst, tmp_path / "flow", method="farneback", short_side=16,
+                           root=root, progress=False)
+    assert [(r.rel, r.frames, r.error) for r in results] == [("a/right_down.avi", 8, "")]
+    with pytest.raises(ValueError, match="holds flow of videos under"):  # rel paths would clash
+        flow_dataset(lst, tmp_path / "flow", method="farneback", short_side=16, root=root / "a")
+    # A symlinked video keeps its place under the root (its target may be anywhere).
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "l.avi").symlink_to(root / "left_up.avi")
+    results = flow_dataset(tmp_path / "links", tmp_path / "flow3", method="farneback",
+                           short_side=16, progress=False)
+    assert [(r.rel, r.error) for r in results] == [("l.avi", "")]
+    lst.write_text(f"{root / 'a/right_down.avi'}\n")  # absolute, outside the root given
+    with pytest.raises(ValueError, match="not under the root"):
+        flow_dataset(lst, tmp_path / "flow2", method="dis", root=tmp_path / "elsewhere")
+
+
+@pytest.mark.slow
+def test_killed_flow_command_leaves_only_complete_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    # v0 is short and v1 long, so the kill after v0's file appears lands inside v1's work.
+    for k, n in enumerate((4, 24, 4)):
+        frames, _ = moving_sprite(num_frames=n, width=128, height=96, velocity=(1, 1), sprite=24)
+        write_video(src / f"v{k}.avi", frames)
+    dst = tmp_path / "flow"
+    cmd = [sys.executable, "-m", "vidssl", "flow", str(src), "-o", str(dst), "--method", "tvl1",
+           "--short-side", "48", "--workers", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (dst / "v0.npy").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sorted(p.name for p in dst.glob("*.npy")) == ["v0.npy"]  # v1 was not finished
+    assert np.load(dst / "v0.npy").shape == (4, 48, 64, 2)
+    assert len(list(dst.glob(".v1.npy.tmp*"))) <= 1  # hidden, never matched by a reader
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "flow of 2 videos written" in out.stdout and "(1 already there, 0 failed" in out.stdout
+    assert sorted(p.name for p in dst.iterdir()) == [
+        "flow_manifest.json", "v0.npy", "v1.npy", "v2.npy"]
+    assert sorted(load_flow_manifest(dst)["videos"]) == ["v0.avi", "v1.avi", "v2.avi"]
+
+
+# ---------------------------------------------------------------------------- motion vectors
+def _sprite_file(tmp_path, codec: str, max_b_frames: int = 0, velocity=(2, 1)):
+    if codec not in av.codecs_available:
+        pytest.skip(f"this PyAV build has no {codec} encoder")
+    frames, masks = moving_sprite(num_frames=12, width=128, height=96, velocity=velocity)
+    ext = {"libx264": "mp4", "mpeg2video": "mpg"}.get(codec, "avi")
+    path = tmp_path / f"{codec}_{max_b_frames}.{ext}"
+    write_video(path, frames, codec=codec, max_b_frames=max_b_frames)
+    return path, masks
+
+
+@pytest.mark.parametrize("codec,velocity", [("mpeg4", (2, 1)), ("mpeg4", (-3, 2)),
+                                            ("libx264", (2, 1)), ("libx264", (-3, 2))])
+def test_motion_vectors_point_the_way_the_sprite_moves(tmp_path, codec, velocity):
+    path, masks = _sprite_file(tmp_path, codec, velocity=velocity)
+    idx = np.array([0, 3, 4, 5, 11])
+    field, has = read_motion_vectors(str(path), idx, size=(64, 48), with_flags=True)
+    assert field.dtype == np.float16 and field.shape == (5, 48, 64, 2)
+    assert has.tolist() == [False, True, True, True, True]  # frame 0 is an I-frame
+    assert not field[0].any()
+    # Half the size: half the pixels per frame. Sign always right; H.264 blocks predicted from
+    # an older reference report a multiple of the speed (docs/motion.md), so magnitude loosely.
+    want = np.array(velocity) / 2
+    for k, t in enumerate(idx[1:], start=1):
+        med = np.median(field[k][_interior(masks[t], 2)].astype(np.float32), axis=0)
+        assert np.all(np.sign(med) == np.sign(want)), (t, med)
+        limit = 0.3 if codec == "mpeg4" else None
+        if limit is not None:
+            assert np.allclose(med, want, atol=limit), (t, med)
+        else:
+            assert np.all(np.abs(med) <= 3 * np.abs(want) + 0.3), (t, med)
+
+
+def test_p_frame_vectors_are_divided_by_their_reference_distance(tmp_path):
+    path, masks = _sprite_file(tmp_path, "mpeg4", max_b_frames=2)
+    field, has = read_motion_vectors(str(path), [3, 1, 0], with_flags=True)
+    assert has.tolist() == [True, True, False]
+    # Frame 3 is a P-frame predicted from frame 0 (two B-frames between): 3 frames of motion.
+    med = np.median(field[0][_interior(masks[3])].astype(np.float32), axis=0)
+    assert np.allclose(med, (2, 1), atol=0.3), med
+
+
+def test_b_frame_vectors_from_both_directions_agree(tmp_path):
+    # MPEG-2 B-frames carry real vectors to the past and the future anchor (1-2 frames away
+    # each): after the sign flip and the distance division every frame says (+2, +1).
+    path, masks = _sprite_file(tmp_path, "mpeg2video", max_b_frames=2)
+    with av.open(str(path)) as c:
+        types = [int(f.pict_type) for f in c.decode(video=0)]
+    assert types[1:3] == [3, 3]  # B-frames, so the test exercises them
+    field = read_motion_vectors(str(path), range(1, 10)).astype(np.float32)
+    for k, t in enumerate(range(1, 10)):
+        med = np.median(field[k][_interior(masks[t])], axis=0)
+        assert np.allclose(med, (2, 1), atol=0.3), (t, types[t], med)
+
+
+def test_rasterize_paints_blocks_with_the_normalised_sign():
+    dtype = [("source", "<i4"), ("w", "u1"), ("h", "u1"), ("dst_x", "<i2"), ("dst_y", "<i2"),
+             ("motion_x", "<i4"), ("motion_y", "<i4"), ("motion_scale", "<u2")]
+    # Block at x 0..16, y 0..16 whose content came from 4 px to the left in the previous frame
+    # (src = dst + motion / scale): it moved right. A future-referenced block at x 16..32 whose
+    # content goes 6 px up in the frame 2 ahead: it moves up 3 px per frame.
+    mvs = np.array([(-1, 16, 16, 8, 8, -8, 0, 2), (1, 16, 16, 24, 8, 0, -12, 2)], dtype)
+    field = rasterize_motion_vectors(mvs, (32, 32), (16, 16), distances=(1, 2))
+    assert np.allclose(field[:8, :8], (2, 0))  # halved with the size
+    assert np.allclose(field[:8, 8:], (0, -1.5))
+    assert not field[8:].any()
+    both = np.array([(-1, 16, 16, 8, 8, -8, 0, 2), (1, 16, 16, 8, 8, 4, 0, 2)], dtype)
+    assert np.allclose(rasterize_motion_vectors(both, (16, 16), (16, 16)), (3, 0))  # mean
+
+
+def test_motion_vectors_of_a_codec_without_them_are_flagged(tmp_path):
+    if "mjpeg" not in av.codecs_available:
+        pytest.skip("no mjpeg encoder")
+    frames, _ = moving_sprite(num_frames=4, width=64, height=48, velocity=(1, 0), sprite=16)
+    path = tmp_path / "v.avi"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mjpeg", rate=25)
+        s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
+        for f in frames:
+            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    field, has = read_motion_vectors(str(path), [1, 2], with_flags=True)
+    assert not has.any() and not field.any()
+    with pytest.raises(IndexError, match="only 4 decodable frames"):
+        read_motion_vectors(str(path), [4])
