@@ -72,14 +72,18 @@ def ffmpeg_library_dir(cache_dir: str | os.PathLike | None = None) -> Path | Non
     pattern = re.compile(rf"^lib({'|'.join(_FFMPEG_LIBS)})-[0-9a-f]+\.so\.(\d+)")
     found = 0
     for lib in sorted(libs.iterdir()):
+        # Every bundled library under its own name too: the FFmpeg libraries find their
+        # dependencies through $ORIGIN, which is this folder when they load through a link.
+        names = [lib.name]
         m = pattern.match(lib.name)
-        if not m:
-            continue
-        link = out / f"lib{m.group(1)}.so.{m.group(2)}"
-        if link.is_symlink() or link.exists():
-            link.unlink()
-        link.symlink_to(lib)
-        found += 1
+        if m:
+            names.append(f"lib{m.group(1)}.so.{m.group(2)}")
+            found += 1
+        for name in names:
+            link = out / name
+            if link.is_symlink() or link.exists():
+                link.unlink()
+            link.symlink_to(lib)
     return out if found else None
 
 
