@@ -706,18 +706,20 @@ def _pipeline_gpu(step, aug, ctx: Ctx, folder: Path, dev) -> float:
     size = resized_size(s.width, s.height, s.short_side)
     rng = np.random.default_rng(0)
 
-    def video(i):
-        n = int(index.num_frames[i])
-        a = random_clip(n, s.clip_len, s.stride, rng)
-        b = random_clip(n, s.clip_len, s.stride, rng)
-        frames = dec.read_tensor(str(index.paths[i]), np.concatenate([a, b]), size)
+    def video(item):
+        path, a, b = item
+        frames = dec.read_tensor(path, np.concatenate([a, b]), size)
         return frames[: len(a)], frames[len(a) :]
 
     pool = ThreadPoolExecutor(8)
 
     def one():
-        vids = rng.integers(0, len(index), s.train_batch)
-        pairs = list(pool.map(video, vids))
+        plan = []  # drawn here: numpy's Generator is not thread-safe
+        for i in rng.integers(0, len(index), s.train_batch):
+            n = int(index.num_frames[i])
+            clips = [random_clip(n, s.clip_len, s.stride, rng) for _ in range(2)]
+            plan.append((str(index.paths[i]), *clips))
+        pairs = list(pool.map(video, plan))
         views = [torch.stack([p[v] for p in pairs]) for v in (0, 1)]
         step([aug(v) for v in views])
 
@@ -1063,6 +1065,9 @@ def section_ddp(rec: Rec, ctx: Ctx) -> None:
         loss = float(trainer.callback_metrics.get("train/loss", float("nan")))
         rec.put(f"Lightning DDP ({backend}, 1 process), {name}: steps, last loss",
                 f"{trainer.global_step}, {loss:.4f}")  # fmt: skip
+    if not dist.is_initialized():  # Lightning tore its group down: make a 1-process one
+        store = ctx.work / "ddp-rendezvous"
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     rec.put("process group", f"{dist.get_backend()}, world size {dist.get_world_size()}")
     # The multi-process code paths, forced on the 1-process group.
     views = [v.to(dev) for v in batch["views"]]
