@@ -11,7 +11,7 @@ STAMP := .venv/.installed
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast lint demo docs clean
+.PHONY: install test test-fast lint demo docs clean gpu-check
 
 install: $(STAMP)
 
@@ -39,6 +39,13 @@ demo: install
 
 docs: install
 	$(VENV_PY) -m mkdocs build --strict
+
+# The GPU table (benchmarks/gpu.py, < 8 min on an H200): gpu.json, gpu.md, gpu.log in GPU_OUT.
+# Needs no `make install` (a GPU machine may have no registry): wheels fetched beforehand with
+# tools/fetch_gpu_wheels.sh into .cache/gpu-wheels are installed first.
+GPU_OUT ?= .cache/gpu-check
+gpu-check:
+	PYTHON="$(if $(wildcard $(VENV_PY)),$(VENV_PY),$(PYTHON))" bash tools/gpu_check.sh $(GPU_OUT)
 
 clean:
 	rm -rf .venv .cache build dist site *.egg-info .pytest_cache .ruff_cache

@@ -6,6 +6,7 @@ of the bank per DDP rank); IVF and HNSW indexes are an explicit opt-in for CPU-o
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -47,19 +48,64 @@ def _rank_rows(n: int, rank: int, world_size: int) -> Tuple[int, int, int]:
     return start, min(n, start + per_rank), per_rank
 
 
+@contextlib.contextmanager
+def _ieee_float32(device_type: str):
+    """Run float32 matrix products in IEEE float32 on ``device_type``, then restore the setting.
+
+    ``torch.set_float32_matmul_precision("high")`` (TF32 on CUDA) or ``"medium"`` (bf16 on CPUs
+    with oneDNN) makes products err far beyond the float32 bound that :func:`_search_error`
+    gives the re-search test, so a nearer row could hide behind a candidate list; exact search
+    turns them off for its own products only.
+    """
+    import torch
+
+    if device_type == "cuda":
+        knob = torch.backends.cuda.matmul
+    else:
+        knob = getattr(getattr(torch.backends, "mkldnn", None), "matmul", None)
+    if knob is not None and hasattr(knob, "fp32_precision"):  # torch >= 2.9
+        old, attr, value = knob.fp32_precision, "fp32_precision", "ieee"
+    elif device_type == "cuda":
+        old, attr, value = knob.allow_tf32, "allow_tf32", False
+    else:
+        yield
+        return
+    setattr(knob, attr, value)
+    try:
+        yield
+    finally:
+        setattr(knob, attr, old)
+
+
 def _torch_topk_rows(
-    xn: np.ndarray, start: int, stop: int, k: int, device: Any, chunk_size: int
+    xn: np.ndarray,
+    start: int,
+    stop: int,
+    k: int,
+    device: Any,
+    chunk_size: int,
+    rows: Optional[np.ndarray] = None,
 ) -> Tuple[Any, Any]:
-    """Top-``k`` inner products of rows ``[start, stop)`` against the whole bank, in torch."""
+    """Top-``k`` inner products of rows ``[start, stop)`` (or ``rows``) against the bank, in torch.
+
+    The products run in IEEE float32 whatever the global matmul precision (:func:`_ieee_float32`).
+    """
     import torch
 
     bank = torch.from_numpy(np.ascontiguousarray(xn, dtype=np.float32)).to(device)
+    queries = np.arange(start, stop) if rows is None else np.asarray(rows, dtype=np.int64)
     sims, idx = [], []
-    for lo in range(start, stop, chunk_size):
-        hi = min(stop, lo + chunk_size)
-        s, i = torch.topk(bank[lo:hi] @ bank.T, k, dim=1)
-        sims.append(s)
-        idx.append(i)
+    with _ieee_float32(bank.device.type):
+        for lo in range(0, len(queries), chunk_size):
+            chunk = queries[lo : lo + chunk_size]
+            q = (
+                bank[int(chunk[0]) : int(chunk[-1]) + 1]
+                if rows is None
+                else bank[torch.from_numpy(chunk).to(bank.device)]
+            )
+            s, i = torch.topk(q @ bank.T, k, dim=1)
+            sims.append(s)
+            idx.append(i)
     if not sims:  # this rank has no rows (more ranks than rows)
         return (
             torch.empty(0, k, device=bank.device),
@@ -511,7 +557,9 @@ def first_neighbours(
         neighbours: ``"exact"`` (default), or an approximate faiss index, ``"ivf"`` or
             ``"hnsw"``, for CPU-only scale (check :func:`first_neighbour_recall`).
         device: ``None`` for faiss on the CPU; a torch device (``"cuda"``, ``"cuda:1"``, ``"cpu"``)
-            for exact chunked matrix products in torch.
+            for exact chunked matrix products in torch, in IEEE float32 whatever the global
+            matmul precision (TF32 would void the exactness test); rows that need a longer
+            candidate list are searched again on that device too, so faiss is not needed.
         distributed: with a torch ``device`` and an initialised process group, every rank
             searches its own slice of the rows and the results are all-gathered; then EVERY rank
             must call this with the same ``x``.
@@ -564,7 +612,12 @@ def first_neighbours(
     while not approx and incomplete.any() and k < min(n, _MAX_K):
         k = min(n, _MAX_K, 4 * k)
         rows = np.flatnonzero(incomplete)
-        s2, i2 = _faiss_exact_topk(xn, k, rows)
+        if device is not None and not approx:
+            # The torch path re-searches on its own device: no faiss, no bank copy to the CPU.
+            s2, i2 = _torch_topk_rows(xn, 0, 0, k, device, chunk_size, rows=rows)
+            s2, i2 = s2.float().cpu().numpy(), i2.cpu().numpy().astype(np.int64)
+        else:
+            s2, i2 = _faiss_exact_topk(xn, k, rows)
         nn2, best2, inc2 = _pick_first(s2, i2, rows, xn_ref)
         nn[rows], best[rows] = nn2, best2
         incomplete = np.zeros(n, dtype=bool)

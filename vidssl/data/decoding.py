@@ -23,8 +23,8 @@ __all__ = [
     "quiet_ffmpeg_log",
 ]
 
-DecodeBackend = Literal["decord", "pyav"]
-_BACKENDS = ("decord", "pyav")
+DecodeBackend = Literal["decord", "pyav", "torchcodec"]
+_BACKENDS = ("decord", "pyav", "torchcodec")  # torchcodec: vidssl/data/gpu_decode.py (NVDEC)
 
 
 def decord_available() -> bool:
@@ -307,14 +307,19 @@ def _check_decord_cuda(ordinal: int) -> None:
 def build_decoder(
     backend: str = "decord", num_threads: int = 1, device: str = "cpu"
 ) -> VideoDecoder:
-    """Build a decoder by name: ``"decord"`` (random access, exact files via PyAV) or ``"pyav"``.
+    """Build a decoder by name: ``"decord"``, ``"pyav"`` or ``"torchcodec"``.
 
-    Falls back to PyAV, with a warning, when decord is not installed.
+    ``decord``: random access, exact files via PyAV; falls back to PyAV, with a warning, when
+    decord is not installed. ``torchcodec``: NVDEC on ``device="cuda"`` (``gpu_decode.py``).
     """
     if backend not in _BACKENDS:
         raise ValueError(
             f"Unknown decode backend {backend!r}; choose one of {', '.join(_BACKENDS)}."
         )
+    if backend == "torchcodec":
+        from vidssl.data.gpu_decode import TorchCodecDecoder
+
+        return TorchCodecDecoder(device=device, num_threads=num_threads)
     if backend == "decord":
         if decord_available():
             return DecordDecoder(num_threads=num_threads, device=device)
