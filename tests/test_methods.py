@@ -76,7 +76,7 @@ def test_forward_embed_and_checkpoint_keys():
     torch.testing.assert_close(proj.norm(dim=1), torch.ones(3))
     torch.testing.assert_close(emb, nn.functional.normalize(feats, dim=1))
     keys = m.state_dict().keys()
-    assert {"queue", "queue_ptr"} <= set(keys)
+    assert {"key_queue.keys", "key_queue.ptr", "key_queue.index"} <= set(keys)
     assert any(k.startswith("backbone.") for k in keys)
     assert not any(k.startswith("pseudo_labels") for k in keys)
 
@@ -385,3 +385,30 @@ def test_checkpoint_round_trip(cls, tmp_path):
     for k, v in m.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k]), k
     assert loaded.temperature == m.temperature
+
+
+def test_checkpoints_from_before_the_key_queue_load_their_queue():
+    """Checkpoints that stored ``queue``, ``queue_ptr``, ``queue_index`` on the method load."""
+    m = MoCo(queue_size=8, **TINY)
+    old = {k.replace("key_queue.keys", "queue").replace("key_queue.ptr", "queue_ptr")
+           .replace("key_queue.index", "queue_index"): v for k, v in m.state_dict().items()}
+    old["queue"] = torch.ones(8, 128)
+    old["queue_ptr"] = torch.tensor(5)
+    old["queue_index"] = torch.arange(8)
+    fresh = MoCo(queue_size=8, **TINY)
+    fresh.load_state_dict(old)
+    assert torch.equal(fresh.queue, torch.ones(8, 128)) and fresh.queue_ptr.item() == 5
+    assert fresh.queue_index.tolist() == list(range(8))
+
+
+def test_moco_and_cluster_contrast_share_one_queue_component():
+    """Both compose a KeyQueue: MoCo's holds its K % batch rule, ClusterContrast's none."""
+    from vidssl.methods import ClusterContrast
+    from vidssl.methods.queue import KeyQueue
+
+    moco, cc = MoCo(queue_size=8, **TINY), ClusterContrast(queue_size=10, **TINY)
+    assert isinstance(moco.key_queue, KeyQueue) and isinstance(cc.key_queue, KeyQueue)
+    assert moco.key_queue.check_batches(3, True) is not None  # 8 % 3 != 0
+    assert cc.key_queue.check_batches(3, False) is None
+    assert ClusterContrast(queue_size=0, **TINY).key_queue is None
+    assert not isinstance(cc, MoCo)  # no subclass that undoes its parent

@@ -142,8 +142,8 @@ def test_sigkill_mid_epoch_then_resume_last_restores_labels_queue_and_sampler(tm
     for key in ("labels", "module_labels", "sampler_labels"):
         assert torch.equal(seen[key], state["labels"]), key
     # the queue
-    for key in ("queue", "queue_ptr", "queue_index"):
-        assert torch.equal(seen[key], ckpt["state_dict"][key]), key
+    for key, saved in (("queue", "keys"), ("queue_ptr", "ptr"), ("queue_index", "index")):
+        assert torch.equal(seen[key], ckpt["state_dict"]["key_queue." + saved]), key
     # the sampler: same epoch and seed, and it continues the epoch where the killed run stopped
     sampler_state = state["sampler"]
     done_batches = HOLD_AT - STEPS_PER_EPOCH

@@ -82,5 +82,5 @@ def test_resume_continues_exactly(name, tmp_path):
         assert torch.equal(opt_a[k]["momentum_buffer"], opt_b[k]["momentum_buffer"])
     if name == "moco":
         # The queue is saved in the checkpoint and filled on: 4 steps x 4 keys into 12 slots.
-        assert "queue" in a and "queue_ptr" in a
-        assert b["queue_ptr"].item() == (EPOCHS * 2 * 4) % 12 == 4
+        assert "key_queue.keys" in a and "key_queue.ptr" in a
+        assert b["key_queue.ptr"].item() == (EPOCHS * 2 * 4) % 12 == 4

@@ -1,7 +1,7 @@
 """Contrastive learning with pseudo-class positives and a hard slice of the other classes.
 
-MoCo's momentum encoder and queue, where the queue remembers which video each key came from so
-that its pseudo-label is always the current one; agglomerative re-clustering by default.
+MoCo's momentum encoder and a key queue that remembers which video each key came from, so that
+its pseudo-label is always the current one; agglomerative re-clustering by default.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from torch import nn
 
 from vidssl import distributed as vdist
 from vidssl.losses.mining import cluster_contrastive_loss, hard_negative_mask, labels_or_instances
-from vidssl.methods.moco import MoCo
+from vidssl.methods.moco import MomentumKeys
+from vidssl.methods.queue import KeyQueue
 
 __all__ = ["ClusterContrast"]
 
@@ -21,7 +22,7 @@ __all__ = ["ClusterContrast"]
 POSITIVES = ("cluster", "sampled")
 
 
-class ClusterContrast(MoCo):
+class ClusterContrast(MomentumKeys):
     """Contrastive learning whose positives are the anchor's pseudo-class (cluster-guided).
 
     Queries are the online projections of view 0 (the anchor). Keys come from the momentum
@@ -127,42 +128,36 @@ class ClusterContrast(MoCo):
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
         super().__init__(
+            shuffle_bn=shuffle_bn,
+            bn_splits=bn_splits,
             backbone=backbone,
             backbone_kwargs=backbone_kwargs,
             weights=weights,
-            version=2,
-            temperature=temperature,
-            queue_size=max(queue_size, 1),  # MoCo needs a positive size; 0 is handled here
-            shuffle_bn=shuffle_bn,
-            bn_splits=bn_splits,
-            ema_momentum=ema_momentum,
-            # Own-video keys are never negatives here: same label (the video's or its cluster's).
-            mask_own_video=True,
+            # MoCo v2's head: a 2-layer MLP without BN (facebookresearch/moco --mlp).
             proj_hidden_dim=proj_hidden_dim,
             proj_output_dim=proj_output_dim,
+            proj_num_layers=2,
+            proj_batch_norm=False,
             optimizer=optimizer,
             lr=lr,
             weight_decay=weight_decay,
             momentum=momentum,
+            exclude_bias_and_norm=False,
             warmup_epochs=warmup_epochs,
             lr_schedule=lr_schedule,
             min_lr_ratio=min_lr_ratio,
+            ema_momentum=ema_momentum,
+            ema_schedule="constant",
         )
         self.positives = positives
         self.hard_fraction = hard_fraction
         self.drop_fraction = drop_fraction
-        self.queue_size = queue_size  # MoCo's buffers hold max(queue_size, 1) keys and indices
-
-    def check_queue(
-        self, batch_size: int, drop_last: Optional[bool], world_size: int = 1
-    ) -> None:
-        """Accept any queue size and short batches: this queue is a ring buffer."""
-
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, index: torch.Tensor) -> None:  # type: ignore[override]
-        """Write the global batch's keys and their dataset indices into the ring buffer."""
-        if self.queue_size > 0:
-            self._write_queue(keys, index)
+        self.temperature = temperature
+        self.queue_size = queue_size
+        # A ring: any queue size and batch work, so no size rule (whole_batches=False).
+        self.key_queue = (
+            KeyQueue(queue_size, proj_output_dim, whole_batches=False) if queue_size > 0 else None
+        )
 
     def compute_loss(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Pseudo-class positives against the hardest other-class keys (batch + queue)."""
@@ -172,11 +167,11 @@ class ClusterContrast(MoCo):
         k = self._keys(batch["views"][1])
         keys_batch = vdist.all_gather(k)
         index_batch = vdist.all_gather(positive_index.long())
-        if self.queue_size > 0:
-            # The queue as it was before this batch goes in (as MoCo).
-            valid = self.queue_index >= 0
-            keys = torch.cat([keys_batch, self.queue[valid].clone()])
-            key_index = torch.cat([index_batch, self.queue_index[valid]])
+        if self.key_queue is not None:
+            # The queue as it was before this batch goes in (as MoCo), written slots only.
+            queued, queued_index = self.key_queue.snapshot(filled_only=True)
+            keys = torch.cat([keys_batch, queued])
+            key_index = torch.cat([index_batch, queued_index])
         else:
             keys, key_index = keys_batch, index_batch
         q_labels = labels_or_instances(self.pseudo_labels, index)
@@ -195,7 +190,7 @@ class ClusterContrast(MoCo):
         candidates = ~(same_class | positive)
         negative = hard_negative_mask(sim, candidates, self.hard_fraction, self.drop_fraction)
         loss = cluster_contrastive_loss(q, keys, positive, negative, self.temperature)
-        self.enqueue(keys_batch, index_batch)
+        self.enqueue(keys_batch, index_batch, gathered=True)
         return {
             "loss": loss,
             "positives_per_query": positive.float().sum(1).mean(),

@@ -12,11 +12,153 @@ from torch import nn
 from vidssl import distributed as vdist
 from vidssl.losses import info_nce
 from vidssl.methods.base import ConfigError, VideoSSLMethod, momentum_copy
+from vidssl.methods.queue import KeyQueue
 
-__all__ = ["MoCo"]
+__all__ = ["MoCo", "MomentumKeys"]
 
 
-class MoCo(VideoSSLMethod):
+class MomentumKeys(VideoSSLMethod):
+    """Base of the methods whose keys come from a momentum encoder (MoCo, ClusterContrast).
+
+    It holds what they share: the key encoder (an EMA copy of the backbone and head, updated by
+    ``VideoSSLMethod`` after every optimiser step; :meth:`momentum_pairs`), and keys that BN
+    cannot tell from the queue's (:meth:`_keys`, see ``MoCo`` for the shuffle-BN rule). A
+    subclass adds its loss and, if it keeps one, a :class:`~vidssl.methods.queue.KeyQueue`.
+
+    Args:
+        shuffle_bn: shuffle the key batch across GPUs under DDP, or within the batch on one
+            device (with ``bn_splits``).
+        bn_splits: on one device, the number of BN groups (see ``MoCo``).
+        **kwargs: ``VideoSSLMethod``'s arguments.
+    """
+
+    def __init__(self, shuffle_bn: bool = True, bn_splits: int = 2, **kwargs: Any) -> None:
+        if bn_splits < 1:
+            raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
+        super().__init__(**kwargs)
+        self.shuffle_bn = shuffle_bn
+        self.bn_splits = bn_splits
+        self.key_backbone = momentum_copy(self.backbone)
+        self.key_projection = momentum_copy(self.projection)
+        #: The subclass's queue of earlier keys, if it keeps one.
+        self.key_queue: Optional[KeyQueue] = None
+        self._register_load_state_dict_pre_hook(_rename_old_queue_keys)
+
+    # The queue's buffers under the names they had before KeyQueue (tests, notebooks, plots).
+    @property
+    def queue(self) -> torch.Tensor:
+        """The queued keys, ``K x dim`` (``key_queue.keys``; needs a queue)."""
+        return self.key_queue.keys
+
+    @property
+    def queue_ptr(self) -> torch.Tensor:
+        """The next slot to write (``key_queue.ptr``)."""
+        return self.key_queue.ptr
+
+    @property
+    def queue_index(self) -> torch.Tensor:
+        """The dataset index of each queued key, ``-1`` unknown (``key_queue.index``)."""
+        return self.key_queue.index
+
+    # ----------------------------------------------------------------- queue
+    def enqueue(
+        self, keys: torch.Tensor, index: Optional[torch.Tensor] = None, gathered: bool = False
+    ) -> None:
+        """Write every rank's keys (``B x dim``) and dataset indices into :attr:`key_queue`.
+
+        ``index`` ``None`` stores ``-1`` (unknown video); ``gathered=True``: the tensors already
+        hold the global batch. See :meth:`KeyQueue.enqueue`. Does nothing without a queue.
+        """
+        if self.key_queue is not None:
+            self.key_queue.enqueue(keys, index, gathered=gathered)
+
+    def remap_video_indices(self, old_to_new: torch.Tensor) -> None:
+        """Follow a change of the training videos: queued index ``i`` becomes ``old_to_new[i]``.
+
+        ``PseudoLabels`` calls it on resume when the training index changed, so queued keys
+        keep pointing at their own video; a key of a removed video becomes an unknown video's
+        key (``-1``). See :meth:`KeyQueue.remap`.
+        """
+        if self.key_queue is not None:
+            self.key_queue.remap(old_to_new)
+
+    def check_queue(
+        self, batch_size: int, drop_last: Optional[bool], world_size: int = 1
+    ) -> None:
+        """Raise :class:`ConfigError` when the training batches break the queue's size rule.
+
+        The rule is the queue's (:meth:`KeyQueue.check_batches`): MoCo's ``whole_batches``
+        queue, as its official code has it (``_dequeue_and_enqueue`` asserts
+        ``K % batch_size == 0``; ``main_moco.py`` trains with ``drop_last=True``), needs
+        ``queue_size`` to be a multiple of ``batch_size x world_size`` and the last incomplete
+        batch dropped; ClusterContrast's ring takes any batch. ``drop_last=None``: unknown.
+        """
+        if self.key_queue is None:
+            return
+        problem = self.key_queue.check_batches(batch_size, drop_last, world_size,
+                                               owner=type(self).__name__)
+        if problem:
+            raise ConfigError(problem)
+
+    def setup(self, stage: str) -> None:
+        """Check the views and :meth:`check_queue` on the training batches, before training."""
+        super().setup(stage)
+        if stage != "fit":
+            return
+        batches = self.train_batches()
+        if batches is not None:
+            self.check_queue(*batches, world_size=self.trainer.world_size)
+
+    def momentum_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
+        """Return the query encoder's backbone and head, with their key-encoder copies."""
+        return [(self.backbone, self.key_backbone), (self.projection, self.key_projection)]
+
+    # ----------------------------------------------------------------- shuffle BN
+    def _uses_sync_bn(self) -> bool:
+        return any(isinstance(m, nn.SyncBatchNorm) for m in self.key_backbone.modules())
+
+    def _split_bn(self) -> bool:
+        # One device only: under DDP each GPU's batch is already a BN group of its own.
+        return self.shuffle_bn and self.bn_splits > 1 and not vdist.is_distributed()
+
+    def _encode(self, backbone: nn.Module, head: nn.Module, clips: torch.Tensor) -> torch.Tensor:
+        """``head(backbone(clips))``, in ``bn_splits`` groups on one device (see the class)."""
+        # At least 2 samples per group: BN in training cannot normalise a single sample.
+        groups = min(self.bn_splits, clips.shape[0] // 2) if self._split_bn() else 1
+        if groups <= 1:
+            return head(backbone(clips))
+        # Running each group through the network is BN over that group alone (SplitBatchNorm).
+        return torch.cat([head(backbone(c)) for c in clips.chunk(groups)])
+
+    def _queries(self, clips: torch.Tensor) -> torch.Tensor:
+        """Query embeddings ``B x dim`` (not normalised) of ``clips``."""
+        return self._encode(self.backbone, self.projection, clips)
+
+    @torch.no_grad()
+    def _keys(self, clips: torch.Tensor) -> torch.Tensor:
+        """Key embeddings ``B x dim`` (normalised) of ``clips``, with shuffle-BN (see the class)."""
+        if self._split_bn():
+            # The official demo's _batch_shuffle_single_gpu. The permutation is drawn from the
+            # step number, not the global RNG, so a resumed run shuffles exactly as before.
+            gen = torch.Generator().manual_seed(int(self.global_step))
+            perm = torch.randperm(clips.shape[0], generator=gen).to(clips.device)
+            k = self._encode(self.key_backbone, self.key_projection, clips[perm])
+            return F.normalize(k, dim=1)[torch.argsort(perm)]
+        shuffle = self.shuffle_bn and vdist.is_distributed() and not self._uses_sync_bn()
+        if not shuffle:
+            return F.normalize(self.key_projection(self.key_backbone(clips)), dim=1)
+        # Official _batch_shuffle_ddp / _batch_unshuffle_ddp: one permutation of the global
+        # batch, drawn on rank 0 and broadcast; each rank encodes its slice of the shuffled batch.
+        world, rank = vdist.get_world_size(), vdist.get_rank()
+        gathered = vdist.all_gather(clips)
+        perm = vdist.broadcast(torch.randperm(gathered.shape[0], device=clips.device), src=0)
+        unperm = torch.argsort(perm)
+        k = self.key_projection(self.key_backbone(gathered[perm.view(world, -1)[rank]]))
+        k = F.normalize(k, dim=1)
+        return vdist.all_gather(k)[unperm.view(world, -1)[rank]]
+
+
+class MoCo(MomentumKeys):
     """MoCo v1 / v2 (Momentum Contrast) on video clips.
 
     v1 is He et al. 2020, v2 Chen et al. 2020 ("Improved Baselines with Momentum Contrastive
@@ -97,10 +239,10 @@ class MoCo(VideoSSLMethod):
             raise ValueError(f"MoCo version must be 1 or 2, got {version}")
         if queue_size <= 0:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
-        if bn_splits < 1:
-            raise ValueError(f"bn_splits must be >= 1, got {bn_splits}")
         use_mlp = (version == 2) if mlp is None else mlp
         super().__init__(
+            shuffle_bn=shuffle_bn,
+            bn_splits=bn_splits,
             backbone=backbone,
             backbone_kwargs=backbone_kwargs,
             weights=weights,
@@ -123,56 +265,15 @@ class MoCo(VideoSSLMethod):
         default_t = 0.07 if version == 1 else 0.2
         self.temperature = temperature if temperature is not None else default_t
         self.queue_size = queue_size
-        self.shuffle_bn = shuffle_bn
-        self.bn_splits = bn_splits
         self.mask_own_video = mask_own_video
-        self.key_backbone = momentum_copy(self.backbone)
-        self.key_projection = momentum_copy(self.projection)
-        # Random unit vectors until real keys replace them, as in the official code.
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_output_dim), dim=1))
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        # Dataset index of each queued key; -1 marks a slot not written yet.
-        self.register_buffer("queue_index", torch.full((queue_size,), -1, dtype=torch.long))
-
-    def momentum_pairs(self) -> List[Tuple[nn.Module, nn.Module]]:
-        """Return the query encoder's backbone and head, with their key-encoder copies."""
-        return [(self.backbone, self.key_backbone), (self.projection, self.key_projection)]
+        self.key_queue = KeyQueue(queue_size, proj_output_dim, whole_batches=True)
 
     # ----------------------------------------------------------------- checks
-    def check_queue(
-        self, batch_size: int, drop_last: Optional[bool], world_size: int = 1
-    ) -> None:
-        """Raise :class:`ConfigError` unless every step enqueues one whole global batch.
-
-        MoCo's rule, as its official code has it (``_dequeue_and_enqueue`` asserts
-        ``K % batch_size == 0``; ``main_moco.py`` trains with ``drop_last=True``): ``queue_size``
-        is a multiple of ``batch_size x world_size`` and the last incomplete batch is dropped.
-        ``ClusterContrast`` lifts it (its queue takes any batch). ``drop_last=None``: unknown,
-        not checked.
-        """
-        if drop_last is False:
-            raise ConfigError(
-                f"{type(self).__name__} needs data.drop_last=true: as in the official MoCo code, "
-                "every step enqueues one whole global batch, and a short last batch would break "
-                "model.queue_size % batch == 0 (ClusterContrast's queue takes any batch)"
-            )
-        global_batch = batch_size * world_size
-        if self.queue_size % global_batch:
-            raise ConfigError(
-                f"model.queue_size={self.queue_size} is not a multiple of the global batch size "
-                f"data.batch_size x processes = {batch_size} x {world_size} = {global_batch}; "
-                "each step enqueues one global batch of keys (MoCo: K % batch == 0). Change "
-                "model.queue_size or data.batch_size."
-            )
-
     def setup(self, stage: str) -> None:
-        """Check the views and :meth:`check_queue` on the training batches, before training."""
+        """Check views and queue (``MomentumKeys.setup``); warn of a queue longer than N."""
         super().setup(stage)
         if stage != "fit":
             return
-        batches = self.train_batches()
-        if batches is not None:
-            self.check_queue(*batches, world_size=self.trainer.world_size)
         dm = self._datamodule()
         try:
             n = int(dm.num_train_videos)  # a VideoDataModule's N; other data modules: unknown
@@ -184,91 +285,6 @@ class MoCo(VideoSSLMethod):
                 "stale keys of its own video among its negatives. Set mask_own_video=True, or "
                 "a queue_size well below the number of videos."
             )
-
-    # ----------------------------------------------------------------- shuffle BN
-    def _uses_sync_bn(self) -> bool:
-        return any(isinstance(m, nn.SyncBatchNorm) for m in self.key_backbone.modules())
-
-    def _split_bn(self) -> bool:
-        # One device only: under DDP each GPU's batch is already a BN group of its own.
-        return self.shuffle_bn and self.bn_splits > 1 and not vdist.is_distributed()
-
-    def _encode(self, backbone: nn.Module, head: nn.Module, clips: torch.Tensor) -> torch.Tensor:
-        """``head(backbone(clips))``, in ``bn_splits`` groups on one device (see the class)."""
-        # At least 2 samples per group: BN in training cannot normalise a single sample.
-        groups = min(self.bn_splits, clips.shape[0] // 2) if self._split_bn() else 1
-        if groups <= 1:
-            return head(backbone(clips))
-        # Running each group through the network is BN over that group alone (SplitBatchNorm).
-        return torch.cat([head(backbone(c)) for c in clips.chunk(groups)])
-
-    def _queries(self, clips: torch.Tensor) -> torch.Tensor:
-        """Query embeddings ``B x dim`` (not normalised) of ``clips``."""
-        return self._encode(self.backbone, self.projection, clips)
-
-    @torch.no_grad()
-    def _keys(self, clips: torch.Tensor) -> torch.Tensor:
-        """Key embeddings ``B x dim`` (normalised) of ``clips``, with shuffle-BN (see the class)."""
-        if self._split_bn():
-            # The official demo's _batch_shuffle_single_gpu. The permutation is drawn from the
-            # step number, not the global RNG, so a resumed run shuffles exactly as before.
-            gen = torch.Generator().manual_seed(int(self.global_step))
-            perm = torch.randperm(clips.shape[0], generator=gen).to(clips.device)
-            k = self._encode(self.key_backbone, self.key_projection, clips[perm])
-            return F.normalize(k, dim=1)[torch.argsort(perm)]
-        shuffle = self.shuffle_bn and vdist.is_distributed() and not self._uses_sync_bn()
-        if not shuffle:
-            return F.normalize(self.key_projection(self.key_backbone(clips)), dim=1)
-        # Official _batch_shuffle_ddp / _batch_unshuffle_ddp: one permutation of the global
-        # batch, drawn on rank 0 and broadcast; each rank encodes its slice of the shuffled batch.
-        world, rank = vdist.get_world_size(), vdist.get_rank()
-        gathered = vdist.all_gather(clips)
-        perm = vdist.broadcast(torch.randperm(gathered.shape[0], device=clips.device), src=0)
-        unperm = torch.argsort(perm)
-        k = self.key_projection(self.key_backbone(gathered[perm.view(world, -1)[rank]]))
-        k = F.normalize(k, dim=1)
-        return vdist.all_gather(k)[unperm.view(world, -1)[rank]]
-
-    # ----------------------------------------------------------------- queue
-    @torch.no_grad()
-    def enqueue(self, keys: torch.Tensor, index: Optional[torch.Tensor] = None) -> None:
-        """Write every rank's keys (``B x dim`` here) and dataset indices into the queue.
-
-        ``index`` ``None`` stores ``-1`` (unknown video). The pointer moves past the keys.
-        """
-        keys = vdist.all_gather(keys)
-        if index is None:
-            index = torch.full((keys.shape[0],), -1, dtype=torch.long, device=keys.device)
-        else:
-            index = vdist.all_gather(index.long())
-        self._write_queue(keys, index)
-
-    @torch.no_grad()
-    def _write_queue(self, keys: torch.Tensor, index: torch.Tensor) -> None:
-        # A ring buffer: the queue always holds the latest queue_size keys, whatever the batch
-        # size (with MoCo's K % batch == 0 the writes are whole batches, as in the official code).
-        k = self.queue.shape[0]
-        keys, index = keys[-k:], index[-k:]
-        ptr = int(self.queue_ptr)
-        slots = (ptr + torch.arange(keys.shape[0], device=keys.device)) % k
-        self.queue[slots] = keys
-        self.queue_index[slots] = index
-        self.queue_ptr.fill_((ptr + keys.shape[0]) % k)
-
-    @torch.no_grad()
-    def remap_video_indices(self, old_to_new: torch.Tensor) -> None:
-        """Follow a change of the training videos: queued index ``i`` becomes ``old_to_new[i]``.
-
-        ``PseudoLabels`` calls it on resume when the training index changed, so queued keys
-        keep pointing at their own video; a key of a removed video (``-1``) becomes an unknown
-        video's key (``ClusterContrast`` leaves such slots out).
-        """
-        mapping = old_to_new.to(self.queue_index.device).long()
-        old = self.queue_index
-        inside = (old >= 0) & (old < mapping.numel())
-        new = torch.full_like(old, -1)
-        new[inside] = mapping[old[inside]]
-        self.queue_index.copy_(new)
 
     # ----------------------------------------------------------------- loss
     def compute_loss(self, batch: Dict[str, Any]) -> torch.Tensor:
@@ -282,7 +298,17 @@ class MoCo(VideoSSLMethod):
                 raise ValueError("MoCo(mask_own_video=True) needs the batch's 'index' key")
             mask = self.queue_index[None, :] != index.long()[:, None]
         # The loss uses the queue as it was before this batch's keys go in.
-        loss = info_nce(q, k, self.queue.clone(), self.temperature, negative_mask=mask)
+        loss = info_nce(q, k, self.key_queue.snapshot()[0], self.temperature, negative_mask=mask)
         # Only the mask reads the queued indices: without it, no all_gather of them per step.
         self.enqueue(k, index if self.mask_own_video else None)
         return loss
+
+
+def _rename_old_queue_keys(state_dict: Dict[str, Any], prefix: str, *args: Any) -> None:
+    """Rename the queue buffers of checkpoints written before :class:`KeyQueue`.
+
+    They were ``queue``, ``queue_ptr`` and ``queue_index`` on the method itself.
+    """
+    for old, new in (("queue", "keys"), ("queue_ptr", "ptr"), ("queue_index", "index")):
+        if prefix + old in state_dict:
+            state_dict[prefix + "key_queue." + new] = state_dict.pop(prefix + old)
