@@ -213,14 +213,6 @@ class PseudoLabelState:
         return labels, old_to_new, counts
 
 
-def _has_sklearn() -> bool:
-    try:
-        import sklearn  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 class PseudoLabels(pl.Callback):
     """Re-cluster the training videos every ``every_n_epochs`` and hand the labels over.
 
@@ -694,7 +686,7 @@ class PseudoLabels(pl.Callback):
         # Every rank holds the gathered bank, so the metrics are computed everywhere from the
         # broadcast labels and logged identically (no rank-0-only logging); over the videos
         # that were clustered.
-        metrics = clustering.clustering_metrics(clustered, truth_ok, ami=_has_sklearn())
+        metrics = clustering.clustering_metrics(clustered, truth_ok, ami=True)
         metrics.update(pair_error_rates(clustered, truth_ok))
         # A method that keeps only its hardest negatives (ClusterContrast) is hurt by the false
         # ones among them, which the rate over all negatives hides.

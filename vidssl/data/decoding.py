@@ -233,7 +233,6 @@ class DecordDecoder:
         self.num_threads = num_threads
         self.device = device
         self.exact_fallback = exact_fallback or PyAVDecoder(num_threads=num_threads)
-        self._ctx_lock = threading.Lock()
         if device.startswith("cuda"):
             ordinal = int(device.split(":")[1]) if ":" in device else 0
             try:

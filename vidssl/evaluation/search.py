@@ -19,7 +19,6 @@ __all__ = [
     "INDEX_KINDS",
     "SearchHit",
     "SearchIndex",
-    "brute_force_search",
     "default_nlist",
     "l2_normalize",
 ]
@@ -263,6 +262,9 @@ def brute_force_search(
     features: np.ndarray, queries: np.ndarray, k: int, normalized: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` cosine search in plain numpy: the baseline the benchmark compares with.
+
+    Not part of the API (not in ``__all__``): ``benchmarks/search.py`` times the index against
+    it and the tests use it as an independent oracle.
 
     Returns ``(scores Q x k, ids Q x k)`` sorted by decreasing score. ``normalized=True`` skips
     normalising ``features`` (rows already of unit norm), as an index would have done once.
