@@ -43,9 +43,7 @@ class DemoSettings:
         recluster_every: epochs between re-clusterings (cluster-guided method).
         cluster_start_epoch: first re-clustering. Until then every video is its own class
             (instance discrimination), so the first pseudo-labels come from a trained network
-            rather than a random one: clustering a random network's features, 36-58 % of the
-            cluster positives were of another class, and SLIC reached R@1 0.889 from epoch 0
-            against 0.986 with a 20-epoch warm-up (benchmarks/retrieval_synthetic.py, seed 0).
+            rather than a random one, whose clusters mix classes (docs/benchmarks.md).
         monitor_every: epochs between the R@1 measurements of the training curve.
         seed: seed of the data and the training.
     """

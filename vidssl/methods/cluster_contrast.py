@@ -36,9 +36,7 @@ class ClusterContrast(MomentumKeys):
       (including its own positive key). With ``positives="sampled"`` only ``i``'s own positive
       key (view 1 of its row: the sampler's other clip or cluster-mate) is a positive; the other
       keys of ``i``'s pseudo-class are neither positives nor negatives, so a false cluster-mate
-      in the queue is not pulled in. On the synthetic benchmark, after a SimCLR start with
-      FINCH labels, ``"sampled"`` made the labels purer in 5 of 5 seeds (the default: NMI rose
-      in 3 of 5) for the same R@1 within a query (mean 0.914 against 0.922; docs/benchmarks.md);
+      in the queue is not pulled in (how each setting fares: docs/benchmarks.md);
     - negatives: the keys of other pseudo-labels, of which only the hardest ``hard_fraction``
       (default 5 %) are kept after dropping the hardest ``drop_fraction`` (0.1 %), following
       Cai et al. 2020, "Are all negatives created equal in contrastive instance
@@ -61,16 +59,12 @@ class ClusterContrast(MomentumKeys):
       more than a missed one: the hard-negative filter already spares near neighbours).
       ``N / 10`` and ward are choices of this library, not published values: set
       ``num_clusters``, ``cluster_fraction``, ``distance_threshold`` or ``clustering_kwargs``
-      on ``PseudoLabels`` for your data. Ward rather than average linkage: on the synthetic
-      collection average linkage of a young network's features made one giant cluster (up to
-      121 of 168 videos) whose labels got worse over training, while ward's clusters stayed
-      balanced and got purer in 3 of 3 seeds; R@1 differed within noise
-      (docs/benchmarks.md, 2026-12-01). On that collection the method beat its random start
-      reliably only from pretrained features (the seed's "pseudo-labels from a pre-trained
-      network": ``PseudoLabels(initial_weights=...)``, or a SimCLR stage first) with FINCH's
-      finest partition (``PseudoLabels(method="finch")``): 5 of 5 seeds, against 1 of 3 with
-      these labels; from random weights, in 1 of the first 3 seeds whatever the labels
-      (3 of 5 with these, its mean no better than the start's).
+      on ``PseudoLabels`` for your data. Ward rather than average linkage, because average
+      linkage of a young network's features can put most videos in one cluster. Cluster from
+      pretrained features (``PseudoLabels(initial_weights=...)``, or a SimCLR stage first):
+      the method is designed for the labels of a network that already separates videos, and
+      from random weights its labels mostly group by appearance. Measurements of both
+      choices: docs/benchmarks.md ("Retrieval after short pretraining").
     - ``hard_fraction=0.05``, ``drop_fraction=0.001``: Cai et al. 2020 (above).
     - ``temperature=0.2``, head (2-layer MLP, no BN), ``ema_momentum=0.999``, SGD ``lr=0.03``,
       momentum 0.9, weight decay 1e-4, cosine schedule: MoCo v2 (facebookresearch/moco).

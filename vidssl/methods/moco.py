@@ -198,9 +198,8 @@ class MoCo(MomentumKeys):
         bn_splits: on one device, the number of BN groups (fewer if a group would hold under 2
             samples); ``1`` normalises the whole batch at once, which lets BN leak. Default 2,
             the fewest groups that separate queries from keys and so the largest (least noisy)
-            ones; the official demo uses 8 groups of 64 at batch 512. MoCo v2 at batch 32 on the
-            synthetic collection, 8 groups of 4 gave R@1 0.653 and 2 groups 0.944
-            (docs/benchmarks.md).
+            ones; the official demo uses 8 groups of 64 at batch 512. Groups of a few clips are
+            noisy: keep several clips per group (docs/benchmarks.md compares group sizes).
         ema_momentum: key encoder momentum m.
         mask_own_video: leave the queued keys of a query's own video out of its negatives.
             The queue then remembers each key's dataset index. Off by default, as in MoCo.
