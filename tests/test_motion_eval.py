@@ -191,3 +191,38 @@ def test_motion_clip_reader_crops_stored_flow_to_the_contract_format(tmp_path):
     # decoded at short side 32 (half the stored 64): +4 px -> +2 px -> 2 / 20 in x, y half that
     assert field[:, 0][moving].median().item() == pytest.approx(0.1, abs=0.03)
     assert field[:, 1][moving].median().item() == pytest.approx(0.05, abs=0.03)
+
+
+def test_embed_command_with_motion_features(tmp_path, capsys):
+    pytest.importorskip("cv2")
+    from vidssl.cli import main
+    from vidssl.data.flow import flow_dataset
+    from vidssl.data.synthetic import moving_sprite, write_video
+    from vidssl.evaluation import load_embeddings
+
+    root = tmp_path / "videos"
+    root.mkdir()
+    for name, v in (("a.avi", (3, 1)), ("b.avi", (-2, 2))):
+        frames, _ = moving_sprite(num_frames=8, width=64, height=48, velocity=v, sprite=24)
+        write_video(root / name, frames, codec="mpeg4")
+    flow_dataset(root, tmp_path / "flow", method="farneback", short_side=48, workers=1)
+    m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=16,
+                       motion_prob=0.25)
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, ckpt)
+    clips = ["--num-clips", "2", "--clip-len", "4", "--stride", "1", "--crop-size", "32",
+             "--num-workers", "0", "--device", "cpu"]
+    out = tmp_path / "emb"
+    assert main(["embed", str(ckpt), str(root), "-o", str(out), "--features", "both",
+                 "--combine", "concat", "--flow-dir", str(tmp_path / "flow"), *clips]) == 0
+    emb = load_embeddings(out)
+    assert emb.features.shape == (2, 2 * m.feature_dim)
+    assert emb.meta["features"] == "rgb+motion (each L2-normalised, then concatenated)"
+    assert "features of rgb+motion" in capsys.readouterr().err
+    # no motion source, or a model without a motion encoder: one-line errors
+    assert main(["embed", str(ckpt), str(root), "-o", str(out), "--features", "motion",
+                 *clips]) == 2
+    assert "needs a motion source: --flow-dir" in capsys.readouterr().err
+    assert main(["embed", "r3d_18", "--random-init", str(root), "-o", str(tmp_path / "e2"),
+                 "--features", "motion", "--motion", "mv", *clips]) == 2
+    assert "needs a model that encodes motion" in capsys.readouterr().err

@@ -149,7 +149,8 @@ def test_motion_prob_0_is_the_rgb_only_loss_exactly():
     za, zp, za2 = z[:b], z[b : 2 * b], z[2 * b :]
     pl_ = torch.tensor([0, 1, 0, 1, -1, -1])
     lab = lambda i: pl_[i] if pl_[i] >= 0 else -2 - i  # noqa: E731
-    labels = torch.tensor([lab(i) for i in range(b)] + [lab(int(p)) for p in batch["positive_index"]])
+    pos = batch["positive_index"]
+    labels = torch.tensor([lab(i) for i in range(b)] + [lab(int(p)) for p in pos])
     torch.manual_seed(5)
     trip = cluster_triplet_loss(torch.cat([za, zp]), labels, 0.2)
     expected = trip.loss + temporal_discrimination_loss(za, za2, zp, 0.04)

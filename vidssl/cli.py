@@ -410,9 +410,7 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
 
 @_command("embed", "embed videos with a checkpoint (multi-clip averaged, resumable)", _add_embed)
 def _run_embed(a: argparse.Namespace) -> int:
-    from vidssl.evaluation.embed import embed_videos, find_videos
-
-    from vidssl.evaluation.embed import MotionClipReader
+    from vidssl.evaluation.embed import MotionClipReader, embed_videos, find_videos
     from vidssl.evaluation.retrieval import describe_features
 
     motion = _motion_source(a)

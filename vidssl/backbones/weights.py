@@ -182,8 +182,8 @@ def load_backbone_weights(
     (``model.stem_conv``) has another number of input channels than the file's (an RGB
     checkpoint into a 2-channel motion backbone, ``build(name, in_channels=2)``), the stem is
     loaded by TSN's cross-modality initialisation (:func:`cross_modality_stem`: mean over the
-    file's input channels, repeated), reported at info level; every other key must fit. BatchNorm ``num_batches_tracked`` counters may
-    be absent (older checkpoints lack them).
+    file's input channels, repeated), reported at info level; every other key must fit. BatchNorm
+    ``num_batches_tracked`` counters may be absent (older checkpoints lack them).
 
     Raises:
         FileNotFoundError: the path does not exist.

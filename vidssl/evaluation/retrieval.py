@@ -73,6 +73,15 @@ def combine_features(rgb: torch.Tensor, motion: torch.Tensor, combine: str = "me
     return (rgb + motion) / 2
 
 
+def _clip_mean(encode: Any, clips: list, head: Optional[nn.Module]) -> torch.Tensor:
+    """Mean over the ``N`` clips of ``B`` videos (``N`` tensors ``B x ...``): ``B x D``."""
+    # All clips in one forward pass: N * B clips, then the mean over the N clips.
+    out = encode(torch.cat(clips, dim=0))
+    if head is not None:
+        out = head(out)
+    return out.view(len(clips), clips[0].shape[0], -1).mean(dim=0)
+
+
 def _needs_motion_encoder(model: nn.Module, features: str) -> None:
     if features != "rgb" and not callable(getattr(model, "encode_motion", None)):
         raise ValueError(
@@ -302,23 +311,15 @@ def extract_features(
             if augment is not None:
                 batch = augment(batch)
             views = batch["views"]
-            n, b = len(views), views[0].shape[0]
-
-            def clip_mean(encode: Any, clips: list) -> torch.Tensor:
-                # All clips in one forward pass: N * B clips, then the mean over the N clips.
-                out = encode(torch.cat(clips, dim=0))
-                if projection:
-                    out = model.projection(out)
-                return out.view(n, b, -1).mean(dim=0)
-
+            head = model.projection if projection else None
             if features == "rgb":
-                out = clip_mean(encode_rgb, views)
+                out = _clip_mean(encode_rgb, views, head)
             elif features == "motion":
-                out = clip_mean(model.encode_motion, _motion_clips(batch, n))
+                out = _clip_mean(model.encode_motion, _motion_clips(batch, len(views)), head)
             else:
                 out = combine_features(
-                    clip_mean(encode_rgb, views),
-                    clip_mean(model.encode_motion, _motion_clips(batch, n)),
+                    _clip_mean(encode_rgb, views, head),
+                    _clip_mean(model.encode_motion, _motion_clips(batch, len(views)), head),
                     combine,
                 )
             feats.append(out.to("cpu", dtype))

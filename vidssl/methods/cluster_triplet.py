@@ -215,7 +215,7 @@ class ClusterTriplet(VideoSSLMethod):
         self._batch_idx = 0
 
     def setup(self, stage: str) -> None:
-        """The base checks, and that the data module's motion has ``motion_channels``."""
+        """Run the base checks, and check that the data's motion has ``motion_channels``."""
         super().setup(stage)
         dm = self._datamodule()
         channels = getattr(dm, "motion_channels", None)
@@ -231,12 +231,12 @@ class ClusterTriplet(VideoSSLMethod):
             )
 
     def training_step(self, batch: Dict[str, Any], batch_idx: int) -> torch.Tensor:
-        """The base step; remembers ``batch_idx`` for the motion draws."""
+        """Run the base step, remembering ``batch_idx`` for the motion draws."""
         self._batch_idx = batch_idx
         return super().training_step(batch, batch_idx)
 
     def draw_motion_masks(self, batch_size: int, device: Any = None) -> Dict[int, torch.Tensor]:
-        """Return ``{pos: bool B}`` for every ``motion_views``: True = replaced, each ``motion_prob``.
+        """Return ``{pos: bool B}`` per motion view: True (replaced) with ``motion_prob``.
 
         Independent per sample and per view, from a generator seeded by
         ``(torch.initial_seed(), epoch, batch index, rank)`` (see the class).
