@@ -405,22 +405,31 @@ def _add_embed(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="videos per shard file (256)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--overwrite", action="store_true", help="start over instead of resuming")
+    _add_motion_args(p)
 
 
 @_command("embed", "embed videos with a checkpoint (multi-clip averaged, resumable)", _add_embed)
 def _run_embed(a: argparse.Namespace) -> int:
-    from vidssl.evaluation.embed import embed_videos, find_videos
+    from vidssl.evaluation.embed import MotionClipReader, embed_videos, find_videos
+    from vidssl.evaluation.retrieval import describe_features
 
+    motion = _motion_source(a)
+    if motion == "diff":
+        raise CLIError("--motion diff is not available for `vidssl embed`; use --flow-dir DIR "
+                       "(stored flow) or --motion mv")
     videos = find_videos(a.videos)
     encoder, info = _encoder_from_args(a, a.ckpt)
     settings = _settings_from_args(a, info)
+    motion_reader = MotionClipReader(motion, a.flow_dir) if motion else None
     print(f"embedding {len(videos)} videos with {info['backbone']} ({info['source']}); clips: "
           f"{settings.num_clips} x {settings.clip_len} frames (stride {settings.stride}) at "
-          f"{settings.crop_size}px", file=sys.stderr)
+          f"{settings.crop_size}px; features of {describe_features(a.features, a.combine)}"
+          f"{f' ({motion})' if motion else ''}", file=sys.stderr)
     with _writing_to(a.output, "-o DIR"):
         emb = embed_videos(encoder, videos, a.output, settings, info, batch_size=a.batch_size,
                            num_workers=a.num_workers, shard_size=a.shard_size,
-                           device=_device(a.device), overwrite=a.overwrite)
+                           device=_device(a.device), overwrite=a.overwrite,
+                           features=a.features, combine=a.combine, motion_reader=motion_reader)
     print(f"wrote {len(emb.paths)} embeddings (D={emb.features.shape[1]}) to {a.output}")
     if emb.failed:
         print(f"{len(emb.failed)} videos could not be read and were left out:", file=sys.stderr)
@@ -452,6 +461,8 @@ def _run_index(a: argparse.Namespace) -> int:
               "(re-run the same `vidssl embed` to finish)", file=sys.stderr)
     meta = {"encoder": emb.meta.get("encoder", {}), "settings": emb.meta.get("settings", {}),
             "embeddings": str(Path(a.embeddings).resolve())}
+    if emb.meta.get("features"):
+        meta["features"] = emb.meta["features"]
     index = SearchIndex.build(emb.features, emb.paths, kind=a.kind, nlist=a.nlist,
                               nprobe=a.nprobe, meta=meta)
     out = a.output or Path(a.embeddings) / "index"
@@ -516,6 +527,10 @@ def _embed_like_index(index: Any, paths: List[str], device: Optional[str]):
     from vidssl.evaluation.embed import ClipSettings, embed_paths, load_encoder
 
     enc = index.meta.get("encoder") or {}
+    if index.meta.get("features"):
+        raise CLIError(f"{paths[0]} is not in the index, whose features are of "
+                       f"{index.meta['features']}; a query is embedded from its RGB clips only, "
+                       "so search with indexed videos")
     if not enc.get("source"):
         raise CLIError(f"{paths[0]} is not in the index and the index does not record which model "
                        "made it, so the query cannot be embedded; search with indexed videos")
@@ -535,7 +550,8 @@ def format_recall_table(results: Dict[str, Any]) -> str:
     lines = [
         f"retrieval protocol: {first.num_queries} test videos query {first.num_gallery} "
         f"training videos; {first.num_clips} clips per video averaged; {first.feature} "
-        f"features{', mean-centred' if first.center else ''}; {first.similarity}; a query "
+        f"features of {getattr(first, 'modality', 'rgb')}"
+        f"{', mean-centred' if first.center else ''}; {first.similarity}; a query "
         "counts at k when one of its k nearest training videos has its class",
         f"{'model':<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in ks),
     ]
@@ -559,12 +575,38 @@ def _add_retrieval(p: argparse.ArgumentParser) -> None:
     _add_encoder_args(p)
     _add_clip_args(p)
     p.add_argument("--center", action="store_true", help="mean-centre features (CoCLR)")
+    _add_motion_args(p)
     p.add_argument("--baseline", action="store_true",
                    help="also evaluate a randomly initialised backbone of the same architecture")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch (8)")
     p.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
     p.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+
+
+def _add_motion_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("motion (features of the clips' motion fields; docs/evaluation.md)")
+    g.add_argument("--features", default="rgb", choices=("rgb", "motion", "both"),
+                   help="embed the RGB clips, their motion fields, or both (rgb)")
+    g.add_argument("--combine", default="mean", choices=("mean", "concat"),
+                   help="--features both: average or concatenate the two L2-normalised "
+                        "features (mean)")
+    g.add_argument("--motion", choices=("flow", "mv", "diff"),
+                   help="motion source (default: flow when --flow-dir is given)")
+    g.add_argument("--flow-dir", metavar="DIR", help="stored flow folder (`vidssl flow -o DIR`)")
+
+
+def _motion_source(a: argparse.Namespace) -> Optional[str]:
+    """Return the motion source the flags ask for (``None`` for RGB features)."""
+    if a.features == "rgb":
+        return None
+    motion = a.motion or ("flow" if a.flow_dir else None)
+    if motion is None:
+        raise CLIError(f"--features {a.features} needs a motion source: --flow-dir DIR (stored "
+                       "flow from `vidssl flow`), or --motion mv / diff")
+    if motion == "flow" and not a.flow_dir:
+        raise CLIError("--motion flow needs --flow-dir DIR (the folder `vidssl flow -o DIR` wrote)")
+    return motion
 
 
 @_command("retrieval", "R@1/5/10/20/50 of a checkpoint on UCF101 / HMDB51 (test queries train)",
@@ -574,23 +616,28 @@ def _run_retrieval(a: argparse.Namespace) -> int:
     from vidssl.evaluation.embed import load_encoder
     from vidssl.evaluation.retrieval import evaluate_retrieval
 
+    motion = _motion_source(a)
     encoder, info = _encoder_from_args(a, a.ckpt)
     settings = _settings_from_args(a, info)
+    # Motion settings of the data side (issue 13's contract); passed only when asked for.
+    motion_kwargs = {"motion": motion, "flow_dir": a.flow_dir} if motion else {}
     dm = VideoDataModule(
         train=a.root, test=a.test, format=a.format, split=a.split, annotations=a.annotations,
         clip_len=settings.clip_len, stride=settings.stride, crop_size=settings.crop_size,
         short_side=settings.crop_size, batch_size=a.batch_size, num_workers=a.num_workers,
+        **motion_kwargs,
     )
     device = _device(a.device)
     models = {Path(str(info["source"])).name: encoder}
     if a.baseline:
         models["random init"], _ = load_encoder(info["backbone"], backbone_kwargs=info.get(
-            "backbone_kwargs"), random_init=True)
+            "backbone_kwargs"), random_init=True, motion=info.get("motion"))
     results = {}
     for name, model in models.items():
         print(f"evaluating {name} ...", file=sys.stderr)
         results[name] = evaluate_retrieval(model.to(device), dm, num_clips=settings.num_clips,
-                                           center=a.center, progress=True)
+                                           center=a.center, progress=True,
+                                           features=a.features, combine=a.combine)
     print(format_recall_table(results))
     if a.json:
         Path(a.json).write_text(json.dumps({n: r.as_dict() for n, r in results.items()},

@@ -38,11 +38,18 @@ class VideoBackbone(nn.Module):
         classifier_prefixes: state-dict key prefixes of the classifier the reference
             implementation has and the backbone leaves out (``fc.`` for the ResNets,
             ``classifier.`` for S3D); :func:`vidssl.backbones.load_backbone_weights` skips them.
+        stem_conv: name of the first convolution, the only module that sees the ``C`` input
+            channels (``"stem.0"`` for the torchvision-layout ResNets, ``"features.0.0.0"`` for
+            S3D, ``"conv1"`` for Hara's ResNet; ``None`` when unknown). Weights with another
+            number of input channels load into it by the cross-modality initialisation
+            (:func:`vidssl.backbones.load_backbone_weights`), and
+            :class:`vidssl.backbones.MotionStem` builds a second stem of the same shape.
     """
 
     feature_dim: int
     in_channels: int = 3
     classifier_prefixes: tuple[str, ...] = ()
+    stem_conv: str | None = None
 
     def forward_features(self, x: Tensor) -> Tensor:
         """Return the last feature map ``B x D x T' x H' x W'`` of clips ``B x C x T x H x W``."""

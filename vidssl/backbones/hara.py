@@ -64,6 +64,7 @@ class HaraResNet(VideoBackbone):
     """
 
     classifier_prefixes = ("fc.",)
+    stem_conv = "conv1"
 
     def __init__(
         self,

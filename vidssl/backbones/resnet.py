@@ -198,6 +198,7 @@ class VideoResNet(VideoBackbone):
     """
 
     classifier_prefixes = ("fc.",)
+    stem_conv = "stem.0"
 
     def __init__(
         self,

@@ -119,6 +119,7 @@ class S3D(VideoBackbone):
     """
 
     classifier_prefixes = ("classifier.",)
+    stem_conv = "features.0.0.0"
 
     def __init__(self, width_mult: float = 1.0, in_channels: int = 3):
         super().__init__()

@@ -14,7 +14,12 @@ from typing import Any, Mapping, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = ["WeightsMismatchError", "extract_state_dict", "load_backbone_weights"]
+__all__ = [
+    "WeightsMismatchError",
+    "cross_modality_stem",
+    "extract_state_dict",
+    "load_backbone_weights",
+]
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +112,54 @@ def _layout_hint(model_keys: set[str], file_keys: set[str]) -> str:
     return ""
 
 
+def cross_modality_stem(weight: Tensor, in_channels: int) -> Tensor:
+    """Return a stem weight for ``in_channels`` inputs made from one for other inputs (e.g. RGB).
+
+    The cross-modality initialisation of TSN (Wang et al., "Temporal Segment Networks", ECCV
+    2016, Sec. 3.2): average the weights over the input channels and repeat the average
+    ``in_channels`` times, ``w'[o, m] = mean_c w[o, c]`` for every ``m``. A motion clip whose
+    ``in_channels`` channels all hold the same value then gives the response an RGB clip of that
+    grey value gives (up to the factor ``in_channels / C``).
+
+    Args:
+        weight: convolution weight ``O x C x k...`` (any kernel rank).
+        in_channels: ``M``, the input channels of the new stem.
+
+    Returns:
+        ``O x M x k...``, a new tensor of ``weight``'s dtype.
+    """
+    if weight.ndim < 3 or in_channels < 1:
+        raise ValueError(
+            f"expected a convolution weight O x C x k... and in_channels >= 1, got shape "
+            f"{tuple(weight.shape)} and in_channels={in_channels}"
+        )
+    mean = weight.float().mean(dim=1, keepdim=True)
+    return mean.repeat(1, in_channels, *([1] * (weight.ndim - 2))).to(weight.dtype)
+
+
+def _adapt_stem(model: nn.Module, state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """Fit the stem of ``state`` to the model's input channels by :func:`cross_modality_stem`."""
+    stem = getattr(model, "stem_conv", None)
+    if not stem:
+        return state
+    key = f"{stem}.weight"
+    expected = model.state_dict().get(key)
+    weight = state.get(key)
+    if expected is None or weight is None or weight.shape == expected.shape:
+        return state
+    # Only the input channels may differ: any other difference is a real mismatch (reported).
+    if weight.ndim != expected.ndim or weight.shape[:1] + weight.shape[2:] != (
+        expected.shape[:1] + expected.shape[2:]
+    ):
+        return state
+    log.info(
+        "%s: stem %s has %d input channels, the model %d; loaded by TSN's cross-modality "
+        "initialisation (mean over input channels, repeated)",
+        source, key, weight.shape[1], expected.shape[1],
+    )
+    return {**state, key: cross_modality_stem(weight, int(expected.shape[1]))}
+
+
 def load_backbone_weights(
     model: nn.Module,
     weights: Union[str, os.PathLike, Mapping[str, Any]],
@@ -125,8 +178,12 @@ def load_backbone_weights(
             only for a file you trust that holds other Python objects.
 
     The classifier of the reference model (``model.classifier_prefixes``, e.g. torchvision's
-    ``fc.*``) is skipped, reported at debug level. BatchNorm ``num_batches_tracked`` counters may
-    be absent (older checkpoints lack them).
+    ``fc.*``) is skipped, reported at debug level. When the model's stem
+    (``model.stem_conv``) has another number of input channels than the file's (an RGB
+    checkpoint into a 2-channel motion backbone, ``build(name, in_channels=2)``), the stem is
+    loaded by TSN's cross-modality initialisation (:func:`cross_modality_stem`: mean over the
+    file's input channels, repeated), reported at info level; every other key must fit. BatchNorm
+    ``num_batches_tracked`` counters may be absent (older checkpoints lack them).
 
     Raises:
         FileNotFoundError: the path does not exist.
@@ -147,7 +204,7 @@ def load_backbone_weights(
                 "trust the file, call vidssl.backbones.load_backbone_weights(model, path, "
                 "weights_only=False), or re-save only its state dict."
             ) from err
-    state = extract_state_dict(weights)
+    state = _adapt_stem(model, extract_state_dict(weights), source)
 
     expected = model.state_dict()
     skip_prefixes = tuple(getattr(model, "classifier_prefixes", ()))

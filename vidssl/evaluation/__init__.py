@@ -11,8 +11,11 @@ from vidssl.evaluation.embed import (
 )
 from vidssl.evaluation.probe import FineTune, LinearProbe, VideoClassifier
 from vidssl.evaluation.retrieval import (
+    COMBINE,
     DEFAULT_KS,
+    FEATURES,
     RetrievalResult,
+    combine_features,
     evaluate_retrieval,
     extract_features,
     recall_at_k,
@@ -21,8 +24,11 @@ from vidssl.evaluation.retrieval import (
 from vidssl.evaluation.search import SearchHit, SearchIndex
 
 __all__ = [
+    "COMBINE",
     "DEFAULT_KS",
+    "FEATURES",
     "RetrievalResult",
+    "combine_features",
     "evaluate_retrieval",
     "extract_features",
     "recall_at_k",

@@ -26,6 +26,7 @@ from vidssl.data.index import VIDEO_EXTENSIONS, split_list_line
 
 __all__ = [
     "ClipSettings",
+    "MotionClipReader",
     "Embeddings",
     "EmbeddingsMismatchError",
     "embed_paths",
@@ -167,6 +168,7 @@ def load_encoder(
     backbone: Optional[str] = None,
     backbone_kwargs: Optional[Dict[str, Any]] = None,
     random_init: bool = False,
+    motion: Optional[Dict[str, Any]] = None,
 ) -> Tuple[nn.Module, Dict[str, Any]]:
     """Return ``(backbone, info)``: the video encoder named by ``source``, in eval mode, on CPU.
 
@@ -178,6 +180,13 @@ def load_encoder(
       Hara-style weights): needs ``backbone`` (the zoo name) and any ``backbone_kwargs``;
     - a backbone name (``r3d_18``): a randomly initialised model (seed 0, so it can be rebuilt),
       only with ``random_init=True`` (a baseline and for tests).
+
+    A checkpoint of a method trained with motion views through its shared encoder
+    (``ClusterTriplet(motion_prob > 0)``) gives a :class:`vidssl.backbones.SharedEncoder`:
+    ``forward`` embeds RGB clips as the backbone does, ``encode_motion`` embeds motion fields in
+    the format the method trained with (its ``motion_stem.*`` weights for ``"xy"``); ``info``
+    then holds ``motion`` (``motion_input``, ``motion_channels``). ``motion`` (such a dict) makes
+    a randomly initialised model of that kind too (the baseline of a motion evaluation).
 
     ``info`` holds what :func:`load_encoder` needs to rebuild the same encoder later (the index
     manifest keeps it so ``vidssl search`` embeds a query video the same way).
@@ -197,7 +206,10 @@ def load_encoder(
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 model = build(src, **kwargs)
+                model = _with_motion(model, motion, None)
             info = {"source": src, "backbone": src, "backbone_kwargs": kwargs, "random_init": True}
+            if motion:
+                info["motion"] = dict(motion)
             return model.eval(), info
         raise FileNotFoundError(
             f"checkpoint {src} not found; give a vidssl .ckpt, a state-dict .pth with --backbone, "
@@ -221,10 +233,29 @@ def load_encoder(
         )
     model = build(name, weights=src, **kwargs)
     info = {"source": src, "backbone": name, "backbone_kwargs": kwargs, "random_init": False}
+    if float(hparams.get("motion_prob") or 0) > 0 and "motion_input" in hparams:
+        info["motion"] = {"motion_input": hparams["motion_input"],
+                          "motion_channels": int(hparams.get("motion_channels", 2))}
+        model = _with_motion(model, info["motion"], ckpt.get("state_dict"))
     data = ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None
     if isinstance(data, dict):
         info["data"] = {k: data[k] for k in ("clip_len", "stride", "crop_size") if k in data}
     return model.eval(), info
+
+
+def _with_motion(backbone: nn.Module, motion: Optional[Dict[str, Any]],
+                 state: Optional[Dict[str, Any]]) -> nn.Module:
+    """Wrap ``backbone`` in a ``SharedEncoder`` for ``motion`` settings (with its stem weights)."""
+    if not motion:
+        return backbone
+    from vidssl.backbones import MotionStem, SharedEncoder
+
+    stem = MotionStem(backbone, motion["motion_input"], int(motion["motion_channels"]))
+    if state is not None and stem.conv is not None:
+        prefix = "motion_stem."
+        stem.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                              if k.startswith(prefix)})
+    return SharedEncoder(backbone, stem)
 
 
 # ---------------------------------------------------------------------- decoding
@@ -248,38 +279,129 @@ def read_clips(path: str, settings: ClipSettings) -> torch.Tensor:
     return torch.from_numpy(frames).view(settings.num_clips, settings.clip_len, *frames.shape[1:])
 
 
+class MotionClipReader:
+    """Reads the motion fields of a video's test clips: float ``K x 2 x T x S x S`` in [-1, 1].
+
+    The same clips as :func:`read_clips` (frame indices, decode size with the short side
+    ``crop_size``, then the centre ``S x S`` crop), in the motion contract's format
+    (docs/motion.md): x, y in pixels per frame of the decoded size, divided by the bound 20
+    and clipped. ``source="flow"`` reads stored flow (:func:`vidssl.data.flow.read_flow`; the
+    video's path is taken relative to the flow folder's source root, from its manifest, unless
+    ``root`` is given); ``source="mv"`` decodes the compressed stream's motion vectors
+    (:func:`vidssl.data.motion_vectors.read_motion_vectors`).
+
+    Args:
+        source: ``"flow"`` or ``"mv"``.
+        flow_dir: the flow folder (``vidssl flow -o DIR``), for ``"flow"``.
+        root: the folder the flow's video paths are relative to (default: the manifest's).
+    """
+
+    def __init__(self, source: str = "flow", flow_dir: Optional[PathLike] = None,
+                 root: Optional[PathLike] = None) -> None:
+        if source not in ("flow", "mv"):
+            raise ValueError(f"unknown motion source {source!r} for embedding; valid: flow, mv")
+        if source == "flow" and flow_dir is None:
+            raise ValueError("motion source 'flow' needs flow_dir (the folder `vidssl flow` wrote)")
+        self.source, self.flow_dir = source, None if flow_dir is None else str(flow_dir)
+        self.root = None if root is None else str(root)
+        if source == "flow" and self.root is None:
+            from vidssl.data.flow import load_flow_manifest
+
+            self.root = load_flow_manifest(self.flow_dir).get("root")
+            if not self.root:
+                raise ValueError(f"{flow_dir} has no flow manifest naming its source folder; "
+                                 "pass root= (the folder `vidssl flow` read)")
+
+    def __call__(self, path: str, settings: ClipSettings) -> torch.Tensor:
+        """Return the motion fields of ``path``'s test clips, float ``K x 2 x T x S x S``."""
+        from vidssl.data.decoding import resized_size
+        from vidssl.data.flow import FLOW_BOUND, read_flow
+        from vidssl.data.index import probe_video
+        from vidssl.data.motion_vectors import read_motion_vectors
+        from vidssl.data.sampling import uniform_clips
+
+        info = probe_video(path)
+        if info.num_frames <= 0:
+            raise OSError(f"cannot read {path}: {info.error or 'no frames'}")
+        idx = uniform_clips(info.num_frames, settings.clip_len, settings.stride,
+                            settings.num_clips).reshape(-1)
+        size = resized_size(info.width, info.height, settings.crop_size)
+        if self.source == "flow":
+            rel = os.path.relpath(path, self.root)
+            field = read_flow(self.flow_dir, rel, idx, size=size)
+        else:
+            field = read_motion_vectors(path, idx, size=size)
+        x = torch.from_numpy(np.asarray(field, dtype=np.float32))  # (K T) x H x W x 2
+        h, w, c = x.shape[1], x.shape[2], settings.crop_size
+        top, left = max(0, (h - c) // 2), max(0, (w - c) // 2)
+        x = x[:, top : top + c, left : left + c]
+        x = (x / FLOW_BOUND).clamp(-1.0, 1.0)
+        k, t = settings.num_clips, settings.clip_len
+        return x.view(k, t, *x.shape[1:]).permute(0, 4, 1, 2, 3).contiguous()
+
+
+_Reader = Callable[[str, ClipSettings], torch.Tensor]
+
+
 class _ClipDataset(torch.utils.data.Dataset):
-    """Yields ``(position, clips K x T x H x W x C uint8 or None)`` for a list of videos."""
+    """Yields ``(position, clips or None, motion fields or None, error)`` for a list of videos.
+
+    ``clips`` are uint8 ``K x T x H x W x C``; the motion fields (only with a
+    ``motion_reader``) float ``K x M x T x S x S``.
+    """
 
     def __init__(self, paths: Sequence[str], positions: Sequence[int], settings: ClipSettings,
-                 reader: Callable[[str, ClipSettings], torch.Tensor]) -> None:
+                 reader: _Reader, motion_reader: Optional[_Reader] = None,
+                 rgb: bool = True) -> None:
         self.paths, self.positions = list(paths), list(positions)
         self.settings, self.reader = settings, reader
+        self.motion_reader, self.rgb = motion_reader, rgb
 
     def __len__(self) -> int:
         return len(self.positions)
 
-    def __getitem__(self, i: int) -> Tuple[int, Optional[torch.Tensor], str]:
+    def __getitem__(self, i: int) -> Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor],
+                                           str]:
         pos = self.positions[i]
+        path = self.paths[pos]
         try:
-            return pos, self.reader(self.paths[pos], self.settings), ""
+            clips = self.reader(path, self.settings) if self.rgb else None
+            motion = self.motion_reader(path, self.settings) if self.motion_reader else None
+            return pos, clips, motion, ""
         except Exception as e:  # noqa: BLE001 - any decoder failure marks the video unreadable
-            return pos, None, f"{type(e).__name__}: {e}"
+            return pos, None, None, f"{type(e).__name__}: {e}"
 
 
-def _encode(transform: nn.Module, encoder: nn.Module, videos: Sequence[torch.Tensor],
-            device: Union[str, torch.device]) -> torch.Tensor:
+def _encode(transform: nn.Module, encoder: nn.Module, videos: Sequence[Optional[torch.Tensor]],
+            device: Union[str, torch.device], motions: Optional[Sequence[torch.Tensor]] = None,
+            features: str = "rgb", combine: str = "mean") -> torch.Tensor:
     """Average features ``B x D`` of ``B`` videos, each uint8 clips ``K x T x H x W x C``.
 
     Each video is resized and centre-cropped on its own before the clips are stacked, so videos
-    of any aspect ratio share a forward pass and none changes another's crop.
+    of any aspect ratio share a forward pass and none changes another's crop. With
+    ``features`` ``"motion"`` / ``"both"`` the motion fields ``K x M x T x S x S`` of each
+    video go through ``encoder.encode_motion`` (``"both"``: joined as
+    :func:`vidssl.evaluation.retrieval.combine_features` says).
     """
-    x = torch.cat([transform(v.to(device)) for v in videos])  # (sum K) x C x T x S x S
-    feats = encoder(x).float().split([len(v) for v in videos])
-    return torch.stack([f.mean(0) for f in feats])
+    from vidssl.evaluation.retrieval import combine_features
+
+    def clip_mean(encode: Callable, clips: List[torch.Tensor]) -> torch.Tensor:
+        feats = encode(torch.cat(clips)).float().split([len(c) for c in clips])
+        return torch.stack([f.mean(0) for f in feats])
+
+    rgb = motion = None
+    if features != "motion":
+        encode_rgb = getattr(encoder, "encode_rgb", None) or encoder
+        rgb = clip_mean(encode_rgb, [transform(v.to(device)) for v in videos])
+    if features != "rgb":
+        motion = clip_mean(encoder.encode_motion, [m.to(device) for m in motions or []])
+    if rgb is None:
+        return motion
+    return rgb if motion is None else combine_features(rgb, motion, combine)
 
 
-def _collate(items: List[Tuple[int, Optional[torch.Tensor], str]]) -> List:
+def _collate(items: List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor], str]]
+             ) -> List:
     return items
 
 
@@ -378,6 +500,9 @@ def embed_videos(
     progress: bool = True,
     overwrite: bool = False,
     reader: Optional[Callable[[str, ClipSettings], torch.Tensor]] = None,
+    features: str = "rgb",
+    combine: str = "mean",
+    motion_reader: Optional[Callable[[str, ClipSettings], torch.Tensor]] = None,
 ) -> Embeddings:
     """Embed every video of ``videos`` into ``out_dir``; resume if it holds part of the work.
 
@@ -405,6 +530,14 @@ def embed_videos(
         progress: show a tqdm progress bar.
         overwrite: discard whatever ``out_dir`` holds instead of resuming.
         reader: ``(path, settings) -> uint8 K x T x H x W x C`` (default :func:`read_clips`).
+        features: ``"rgb"``, ``"motion"`` (each clip's motion field through
+            ``encoder.encode_motion``) or ``"both"`` (the two features L2-normalised, then
+            joined by ``combine``), as :func:`vidssl.evaluation.extract_features`; recorded in
+            ``meta.json``.
+        combine: ``"mean"`` or ``"concat"``.
+        motion_reader: ``(path, settings) -> float K x M x T x S x S``, the motion fields of
+            the same clips, centre-cropped (e.g. :class:`MotionClipReader`); needed unless
+            ``features="rgb"``.
 
     Raises:
         EmbeddingsMismatchError: ``out_dir`` holds embeddings of another model, other settings
@@ -415,10 +548,21 @@ def embed_videos(
     """
     from tqdm.auto import tqdm
 
+    from vidssl.evaluation.retrieval import (
+        _check_features,
+        _needs_motion_encoder,
+        describe_features,
+    )
+
     out = Path(out_dir)
     videos = [str(v) for v in videos]
     if not videos:
         raise ValueError("no videos to embed")
+    _check_features(features, combine)
+    _needs_motion_encoder(encoder, features)
+    if features != "rgb" and motion_reader is None:
+        raise ValueError(f"features={features!r} needs a motion_reader (e.g. "
+                         "MotionClipReader('flow', flow_dir)); `vidssl embed` takes --flow-dir")
     _prepare_output(out, overwrite)
     meta = {
         "format": _FORMAT_VERSION,
@@ -427,15 +571,17 @@ def embed_videos(
         "num_videos": len(videos),
         "videos_sha1": _list_hash(videos),
     }
+    if features != "rgb":  # absent for RGB, so folders of older versions still resume
+        meta["features"] = describe_features(features, combine)
     meta_file = out / _META_FILE
     if meta_file.exists():
         old = json.loads(meta_file.read_text())
         for key, what in (("encoder", "model"), ("settings", "clip settings"),
-                          ("videos_sha1", "video list")):
-            if old.get(key) != meta[key]:
+                          ("features", "features"), ("videos_sha1", "video list")):
+            if old.get(key) != meta.get(key):
                 raise EmbeddingsMismatchError(
                     f"{out} holds embeddings made with another {what} ({old.get(key)} vs "
-                    f"{meta[key]}); use another output folder or --overwrite"
+                    f"{meta.get(key)}); use another output folder or --overwrite"
                 )
     else:
         (out / _VIDEOS_FILE).write_text("\n".join(videos) + "\n")
@@ -448,7 +594,8 @@ def embed_videos(
     encoder = encoder.to(device).eval()
     transform = EvalTransform(settings.crop_size).to(device)
     loader = torch.utils.data.DataLoader(
-        _ClipDataset(videos, todo, settings, reader or read_clips),
+        _ClipDataset(videos, todo, settings, reader or read_clips,
+                     motion_reader if features != "rgb" else None, rgb=features != "motion"),
         batch_size=batch_size,
         num_workers=num_workers,
         collate_fn=_collate,
@@ -461,14 +608,15 @@ def embed_videos(
                desc="embedding", disable=not progress)
     with torch.inference_mode():
         for items in loader:
-            good = [(pos, clips) for pos, clips, _ in items if clips is not None]
-            for pos, _, err in items:
+            good = [(pos, clips, motion) for pos, clips, motion, err in items if not err]
+            for pos, _, _, err in items:
                 if err:
                     buf_failed[pos] = err
             if good:
-                feats = _encode(transform, encoder, [c for _, c in good], device)
+                feats = _encode(transform, encoder, [c for _, c, _ in good], device,
+                                [m for _, _, m in good], features, combine)
                 dim = feats.shape[1]
-                buf_pos.extend(p for p, _ in good)
+                buf_pos.extend(p for p, _, _ in good)
                 buf_feat.extend(feats.cpu().numpy())
             bar.update(len(items))
             if len(buf_pos) + len(buf_failed) >= shard_size:

@@ -12,12 +12,17 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import faiss
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = [
+    "COMBINE",
     "DEFAULT_KS",
+    "FEATURES",
     "RetrievalResult",
     "evaluate_retrieval",
+    "combine_features",
+    "describe_features",
     "extract_features",
     "recall_at_k",
     "topk_neighbours",
@@ -25,6 +30,77 @@ __all__ = [
 
 #: The ks every paper of the field reports (e.g. Xu et al. 2019 VCOP, CoCLR, SLIC).
 DEFAULT_KS: Tuple[int, ...] = (1, 5, 10, 20, 50)
+
+#: Which clips a video's feature is made of: its RGB clips, its motion fields, or both.
+FEATURES: Tuple[str, ...] = ("rgb", "motion", "both")
+#: How ``features="both"`` joins the two L2-normalised features of a video.
+COMBINE: Tuple[str, ...] = ("mean", "concat")
+
+
+def _check_features(features: str, combine: str) -> None:
+    if features not in FEATURES:
+        raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
+    if combine not in COMBINE:
+        raise ValueError(f"unknown combine {combine!r}; valid: {', '.join(COMBINE)}")
+
+
+def describe_features(features: str, combine: str = "mean") -> str:
+    """Return how a video's feature was made from its modalities, for the protocol line."""
+    if features != "both":
+        return features
+    how = "averaged" if combine == "mean" else "concatenated"
+    return f"rgb+motion (each L2-normalised, then {how})"
+
+
+def combine_features(rgb: torch.Tensor, motion: torch.Tensor, combine: str = "mean"
+                     ) -> torch.Tensor:
+    """Join per-video RGB and motion features ``N x D`` into one, for ``features="both"``.
+
+    Each is L2-normalised first, so neither modality outweighs the other by its scale; then
+    ``"mean"`` averages them (``N x D``, needs equal ``D``) and ``"concat"`` concatenates them
+    (``N x (D + D')``): the cosine similarity of two concatenations is the mean of the two
+    modalities' cosine similarities (late fusion of the similarities).
+    """
+    rgb = F.normalize(rgb.float(), dim=1)
+    motion = F.normalize(motion.float(), dim=1)
+    if combine == "concat":
+        return torch.cat([rgb, motion], dim=1)
+    if rgb.shape != motion.shape:
+        raise ValueError(
+            f"combine='mean' needs RGB and motion features of one size, got {rgb.shape[1]} and "
+            f"{motion.shape[1]}; use combine='concat'"
+        )
+    return (rgb + motion) / 2
+
+
+def _clip_mean(encode: Any, clips: list, head: Optional[nn.Module]) -> torch.Tensor:
+    """Mean over the ``N`` clips of ``B`` videos (``N`` tensors ``B x ...``): ``B x D``."""
+    # All clips in one forward pass: N * B clips, then the mean over the N clips.
+    out = encode(torch.cat(clips, dim=0))
+    if head is not None:
+        out = head(out)
+    return out.view(len(clips), clips[0].shape[0], -1).mean(dim=0)
+
+
+def _needs_motion_encoder(model: nn.Module, features: str) -> None:
+    if features != "rgb" and not callable(getattr(model, "encode_motion", None)):
+        raise ValueError(
+            f"features={features!r} needs a model that encodes motion (encode_motion): a "
+            "ClusterTriplet trained with motion_prob > 0, a vidssl.backbones.SharedEncoder or "
+            f"TwoStream; {type(model).__name__} has none, use features='rgb'"
+        )
+
+
+def _motion_clips(batch: Dict[str, Any], num_clips: int) -> list:
+    motion = batch.get("motion")
+    have = sorted(motion) if isinstance(motion, dict) else []
+    if any(i not in have for i in range(num_clips)):
+        raise ValueError(
+            f"motion features need the motion field of every clip (positions 0..{num_clips - 1})"
+            f" in the eval batch, it has {have}; build the data module with motion='flow' "
+            "(and flow_dir), 'mv' or 'diff' and no motion_views"
+        )
+    return [motion[i] for i in range(num_clips)]
 
 
 def _prepare(feats: Any, center: bool) -> np.ndarray:
@@ -119,6 +195,8 @@ class RetrievalResult:
         num_clips: clips per video whose features are averaged.
         center: whether features were mean-centred (CoCLR).
         feature: which features were compared (``"backbone"`` or ``"projection"``).
+        modality: which clips made them (``"rgb"``, ``"motion"`` or how both were joined, see
+            :func:`describe_features`).
         similarity: the similarity and the search used.
     """
 
@@ -128,6 +206,7 @@ class RetrievalResult:
     num_clips: int
     center: bool
     feature: str = "backbone"
+    modality: str = "rgb"
     similarity: str = "cosine, exact (faiss IndexFlatIP on L2-normalised features)"
 
     def as_dict(self) -> Dict[str, Any]:
@@ -185,8 +264,17 @@ def extract_features(
     device: Optional[torch.device] = None,
     dtype: torch.dtype = torch.float32,
     progress: Optional[str] = None,
+    features: str = "rgb",
+    combine: str = "mean",
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Return one feature per video: the mean over its clips' features.
+
+    ``features`` says which clips: ``"rgb"`` (the views, through ``model.encode_rgb`` when the
+    model has it, else ``model``), ``"motion"`` (the motion field of each clip,
+    ``batch["motion"][i]`` float ``B x M x T x H x W`` for clip ``i``, through
+    ``model.encode_motion``: for a shared encoder the motion in the format it trained with, for
+    a :class:`~vidssl.backbones.TwoStream` its motion backbone) or ``"both"``: the two
+    per-video features joined by :func:`combine_features` (``combine``).
 
     Args:
         model: a ``VideoSSLMethod`` (or any module whose ``forward`` gives ``B x D``).
@@ -197,10 +285,15 @@ def extract_features(
         device: where to run the model (default: the model's device).
         dtype: dtype of the returned features (``float16`` halves the memory of a bank).
         progress: when given, show a progress bar (tqdm) with this description.
+        features: ``"rgb"``, ``"motion"`` or ``"both"``.
+        combine: ``"mean"`` or ``"concat"`` (``features="both"`` only).
 
     Returns:
         ``(features N x D on the CPU, labels N, dataset indices N)``.
     """
+    _check_features(features, combine)
+    _needs_motion_encoder(model, features)
+    encode_rgb = getattr(model, "encode_rgb", None) or model
     if progress is not None:
         from tqdm.auto import tqdm
 
@@ -213,15 +306,23 @@ def extract_features(
         for batch in loader:
             batch = dict(batch)
             batch["views"] = [v.to(device) for v in batch["views"]]
+            if features != "rgb" and isinstance(batch.get("motion"), dict):
+                batch["motion"] = {k: v.to(device) for k, v in batch["motion"].items()}
             if augment is not None:
                 batch = augment(batch)
             views = batch["views"]
-            b = views[0].shape[0]
-            # All clips in one forward pass: N * B clips, then the mean over the N clips.
-            out = model(torch.cat(views, dim=0))
-            if projection:
-                out = model.projection(out)
-            feats.append(out.view(len(views), b, -1).mean(dim=0).to("cpu", dtype))
+            head = model.projection if projection else None
+            if features == "rgb":
+                out = _clip_mean(encode_rgb, views, head)
+            elif features == "motion":
+                out = _clip_mean(model.encode_motion, _motion_clips(batch, len(views)), head)
+            else:
+                out = combine_features(
+                    _clip_mean(encode_rgb, views, head),
+                    _clip_mean(model.encode_motion, _motion_clips(batch, len(views)), head),
+                    combine,
+                )
+            feats.append(out.to("cpu", dtype))
             labels.append(torch.as_tensor(batch["label"]).cpu())
             indices.append(torch.as_tensor(batch["index"]).cpu())
     finally:
@@ -238,12 +339,16 @@ def evaluate_retrieval(
     projection: bool = False,
     device: Optional[torch.device] = None,
     progress: bool = False,
+    features: str = "rgb",
+    combine: str = "mean",
 ) -> RetrievalResult:
     """Run the retrieval protocol: test videos query the training videos.
 
     Every video is represented by the mean of its backbone features over ``num_clips``
     uniformly spaced clips (10 in the field's protocol), with the data module's evaluation
-    transform (resize and centre crop).
+    transform (resize and centre crop). With ``features="motion"`` or ``"both"`` the clips'
+    motion fields (the data module's ``motion``, centre-cropped as the RGB) are embedded too,
+    see :func:`extract_features`; ``RetrievalResult.modality`` records which.
 
     Args:
         model: the trained method (its ``forward`` returns backbone features).
@@ -254,18 +359,29 @@ def evaluate_retrieval(
         projection: compare projection-head outputs instead of backbone features.
         device: where to run the model (default: the model's device).
         progress: show a progress bar for each split's feature extraction.
+        features: ``"rgb"``, ``"motion"`` or ``"both"``.
+        combine: ``"mean"`` or ``"concat"``, how ``"both"`` joins the two features.
     """
+    _check_features(features, combine)
+    _needs_motion_encoder(model, features)
+    if features != "rgb" and not getattr(datamodule, "motion_channels", 0):
+        raise ValueError(
+            f"features={features!r} needs motion fields in the eval batches but the data module "
+            "gives none; build it with motion='flow' (and flow_dir), 'mv' or 'diff' "
+            "(vidssl retrieval --motion ...)"
+        )
+    extract = dict(projection=projection, device=device, features=features, combine=combine)
 
     def augment(batch):
         return datamodule.augment(batch, train=False)
 
     q, ql, _ = extract_features(
-        model, _eval_loader(datamodule, "test", num_clips), augment, projection, device,
-        progress="queries (test)" if progress else None,
+        model, _eval_loader(datamodule, "test", num_clips), augment,
+        progress="queries (test)" if progress else None, **extract,
     )
     g, gl, _ = extract_features(
-        model, _eval_loader(datamodule, "train", num_clips), augment, projection, device,
-        progress="gallery (train)" if progress else None,
+        model, _eval_loader(datamodule, "train", num_clips), augment,
+        progress="gallery (train)" if progress else None, **extract,
     )
     recall = recall_at_k(q.numpy(), ql.numpy(), g.numpy(), gl.numpy(), ks=ks, center=center)
     return RetrievalResult(
@@ -275,4 +391,5 @@ def evaluate_retrieval(
         num_clips=num_clips,
         center=center,
         feature="projection" if projection else "backbone",
+        modality=describe_features(features, combine),
     )

@@ -102,6 +102,12 @@ class VideoSSLMethod(pl.LightningModule):
       (the older API) gets an anchor and ``n - 1`` positives;
     - ``required_keys`` (class attribute): further batch keys it reads (checked on the first
       batch), e.g. ``("positive_index",)``;
+    - ``motion_views`` (class or instance attribute): the positions in ``views`` whose motion
+      field it reads, ``batch["motion"][pos]`` (float ``B x M x T x H x W``, docs/motion.md);
+      ``()`` (the default) reads none. The data module follows it
+      (``VideoDataModule(motion_views=...)``), ``setup("fit")`` checks that it gives motion and
+      the first batch that the fields are there; ``motion_option`` names the setting that
+      turns them on, for the error message;
     - ``compute_loss(batch) -> Tensor | dict`` on an augmented batch (a dict carries ``"loss"``
       and any extra values to log);
     - ``momentum_pairs() -> list[(online, target)]`` when it keeps EMA encoders; the base updates
@@ -137,6 +143,8 @@ class VideoSSLMethod(pl.LightningModule):
 
     views: Tuple[str, ...] = ("anchor", "positive")
     required_keys: Tuple[str, ...] = ()
+    motion_views: Tuple[int, ...] = ()
+    motion_option: str = "the method's motion settings"
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -267,6 +275,16 @@ class VideoSSLMethod(pl.LightningModule):
             feats = self.projection(feats)
         return F.normalize(feats, dim=1)
 
+    def encode_motion(self, motion: torch.Tensor) -> torch.Tensor:
+        """Return backbone features ``B x D`` of motion fields ``B x M x T x H x W``.
+
+        Evaluation on motion (``vidssl retrieval --features motion``) calls it. A method that
+        encodes motion overrides it; the base raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} has no motion encoder; evaluate it with features='rgb'"
+        )
+
     def set_pseudo_labels(self, labels: torch.Tensor) -> None:
         """Store pseudo-labels (``LongTensor N``, -1 = none) as ``self.pseudo_labels``."""
         self.pseudo_labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
@@ -297,6 +315,30 @@ class VideoSSLMethod(pl.LightningModule):
         missing = [k for k in self.required_keys if k not in batch]
         if missing:
             raise ValueError(f"{name} needs batch keys {missing}; the batch has {list(batch)}")
+        if self.motion_views:
+            self._check_motion_batch(batch)
+
+    def _check_motion_batch(self, batch: Dict[str, Any]) -> None:
+        name = type(self).__name__
+        motion = batch.get("motion")
+        have = sorted(motion) if isinstance(motion, dict) else []
+        lacking = [p for p in self.motion_views if p not in have]
+        if lacking:
+            raise ValueError(
+                f"{name} reads the motion of views {list(self.motion_views)} but the batch has "
+                f"motion for {have}; build the data module with motion=... and "
+                "motion_views=model.motion_views (vidssl fit links it)"
+            )
+        for p in self.motion_views:
+            m, v = motion[p], batch["views"][p]
+            if m.ndim != 5 or not m.is_floating_point() or m.shape[0] != v.shape[0] or (
+                m.shape[2:] != v.shape[2:]
+            ):
+                raise ValueError(
+                    f"{name} expects batch['motion'][{p}] as float B x M x T x H x W beside its "
+                    f"view {tuple(v.shape)}, got {tuple(m.shape)} {m.dtype}; the data module's "
+                    "on_after_batch_transfer (VideoDataModule.augment) makes it"
+                )
 
     def setup(self, stage: str) -> None:
         """Check, before training, that the data module gives the views this method needs.
@@ -309,6 +351,8 @@ class VideoSSLMethod(pl.LightningModule):
             return
         dm = self._datamodule()
         name = type(self).__name__
+        if self.motion_views and dm is not None:
+            self.check_motion_source(dm)
         provided = getattr(dm, "views", None)
         if isinstance(provided, (tuple, list)):
             if tuple(provided[: self.num_views]) != tuple(self.views):
@@ -324,6 +368,30 @@ class VideoSSLMethod(pl.LightningModule):
             raise ConfigError(
                 f"{name} needs {self.num_views} views per sample but the data module gives "
                 f"{count}; set num_views={self.num_views} on the data module"
+            )
+
+    def check_motion_source(self, dm: Any) -> None:
+        """Raise :class:`ConfigError` unless ``dm`` gives motion for every ``motion_views``.
+
+        ``dm.motion_channels`` must be positive (``VideoDataModule(motion="flow" | "mv" |
+        "diff")``) and ``dm.motion_views``, when set, must hold every position this method
+        reads. Called by :meth:`setup` when ``motion_views`` is not empty.
+        """
+        name = type(self).__name__
+        channels = getattr(dm, "motion_channels", 0)
+        if not isinstance(channels, int) or channels <= 0:
+            raise ConfigError(
+                f"{name} reads motion fields of views {list(self.motion_views)} "
+                f"({self.motion_option}) but the data module gives no motion; set "
+                "data.init_args.motion to 'flow' (with data.init_args.flow_dir), 'mv' or 'diff', "
+                "or turn the method's motion off"
+            )
+        given = getattr(dm, "motion_views", None)
+        if given is not None and not set(self.motion_views) <= set(given):
+            raise ConfigError(
+                f"{name} reads motion fields of views {list(self.motion_views)} but the data "
+                f"module gives them for views {list(given)}; leave data.init_args.motion_views "
+                "unset (it follows the method)"
             )
 
     def _datamodule(self) -> Any:
