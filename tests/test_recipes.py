@@ -140,3 +140,143 @@ def test_every_example_value_names_its_source(config):
             continue
         assert m.group(3), f"{config.name}:{n}: {line.strip()!r} says not where it comes from"
     assert yaml.safe_load(config.read_text())["model"]["class_path"]
+
+
+# -- retrieval: projection-head features and SLIC's evaluate.py protocol -----------------------
+
+
+def _retrieval_dm(root):
+    return VideoDataModule(train=str(root), clip_len=4, stride=1, crop_size=32, short_side=40,
+                           batch_size=4, num_workers=0)
+
+
+def _tiny_simclr():
+    from vidssl.methods import SimCLR
+
+    torch.manual_seed(0)
+    return SimCLR(backbone="r3d_18", backbone_kwargs={"width_mult": 0.0625}, proj_output_dim=8)
+
+
+class _ClipCounter(torch.nn.Module):
+    """Wraps a method: records how many clips each forward pass gets and calls to its head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.sizes, self.head_calls = model, [], 0
+
+    def forward(self, clips):
+        self.sizes.append(clips.shape[0])
+        return self.model(clips)
+
+    def projection(self, feats):
+        self.head_calls += 1
+        return self.model.projection(feats)
+
+
+def test_slic_evaluate_protocol_clips(tiny_video_root):
+    from vidssl.evaluation import evaluate_retrieval
+
+    dm = _retrieval_dm(tiny_video_root)
+    spy = _ClipCounter(_tiny_simclr())
+    r = evaluate_retrieval(spy, dm, protocol="slic_evaluate", ks=(1, 5))
+    assert (r.num_queries, r.num_gallery, r.protocol) == (8, 16, "slic_evaluate")
+    # 8 test videos of 16 frames: 4 back-to-back 4-frame clips each, one video a pass; then
+    # the 16 training videos, one centre clip each, in batches of 4.
+    assert spy.sizes == [4] * 8 + [4] * 4
+    assert "SLIC's evaluate.py" in r.clips and "evaluate.py" not in r.__class__(
+        recall={}, num_queries=1, num_gallery=1, num_clips=10, center=False).clips
+    with pytest.raises(ValueError, match="unknown retrieval protocol 'iic'; choose one of uniform"):
+        evaluate_retrieval(spy, dm, protocol="iic")
+
+
+def test_retrieval_monitor_can_use_the_projection_head(tiny_video_root):
+    from types import SimpleNamespace
+
+    from vidssl.callbacks import RetrievalMonitor
+
+    dm = _retrieval_dm(tiny_video_root)
+    dm.setup("fit")
+    trainer = SimpleNamespace(datamodule=dm, global_rank=0, world_size=1)
+    model = _tiny_simclr()
+    spy = _ClipCounter(model)
+    spy.device = torch.device("cpu")
+    RetrievalMonitor(ks=(1,)).compute(trainer, spy)
+    assert spy.head_calls == 0
+    RetrievalMonitor(ks=(1,), features_from="projection").compute(trainer, spy)
+    assert spy.head_calls > 0
+    with pytest.raises(ValueError, match="features_from must be 'backbone' or 'projection'"):
+        RetrievalMonitor(features_from="head")
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tmp_path_factory, tiny_video_root):
+    """A SimCLR checkpoint (8-d head) trained for 2 steps through `vidssl fit`."""
+    from vidssl.cli import main
+
+    tmp = tmp_path_factory.mktemp("fit_recipes")
+    cfg = {
+        "seed_everything": 0,
+        "model": {"class_path": "SimCLR", "init_args": {
+            "backbone": "r3d_18", "backbone_kwargs": {"width_mult": 0.0625},
+            "proj_output_dim": 8}},
+        "data": {"class_path": "VideoDataModule", "init_args": {
+            "train": str(tiny_video_root), "clip_len": 4, "stride": 1, "crop_size": 32,
+            "short_side": 40, "batch_size": 4, "num_workers": 0}},
+        "trainer": {"accelerator": "cpu", "max_epochs": 1, "limit_train_batches": 2,
+                    "limit_val_batches": 0, "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": False,
+                    "default_root_dir": str(tmp)},
+    }
+    path = tmp / "simclr.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["fit", "--config", str(path), "--trainer.callbacks+=ModelCheckpoint",
+                 f"--trainer.callbacks.dirpath={tmp / 'ckpt'}"]) == 0
+    (ckpt,) = (tmp / "ckpt").glob("*.ckpt")
+    return ckpt
+
+
+def test_cli_retrieval_from_the_projection_head(trained_ckpt, tiny_video_root, tmp_path, capsys):
+    import json
+
+    from vidssl.cli import main
+
+    out = {}
+    for features in ("backbone", "projection"):
+        capsys.readouterr()
+        assert main(["retrieval", str(trained_ckpt), str(tiny_video_root), "--num-clips", "2",
+                     "--features-from", features, "--num-workers", "0", "--device", "cpu",
+                     "--json", str(tmp_path / f"{features}.json")]) == 0
+        line = capsys.readouterr().out.splitlines()[0]
+        assert f"; {features} features" in line and "2 clips per video averaged" in line
+        (out[features],) = json.loads((tmp_path / f"{features}.json").read_text()).values()
+    assert out["projection"]["feature"] == "projection"
+    recalls = {f: [out[f][f"R@{k}"] for k in (1, 5, 10)] for f in out}
+    assert recalls["projection"] != recalls["backbone"]
+    # SLIC's protocol by name, with the head; the baseline gets a fresh head of the same shape.
+    assert main(["retrieval", str(trained_ckpt), str(tiny_video_root), "--features-from",
+                 "projection", "--protocol", "slic_evaluate", "--baseline", "--num-workers",
+                 "0", "--device", "cpu"]) == 0
+    text = capsys.readouterr().out
+    assert "one centre clip per training video (SLIC's evaluate.py); projection" in text
+    assert "random init" in text
+    # A backbone name has no head to use.
+    assert main(["retrieval", "r3d_18", str(tiny_video_root), "--random-init",
+                 "--features-from", "projection", "--device", "cpu"]) != 0
+    assert "--features-from projection needs a vidssl Lightning checkpoint" in (
+        capsys.readouterr().err)
+
+
+def test_projection_head_rebuilt_from_a_checkpoint_matches_the_method():
+    from vidssl.methods import MoCo
+    from vidssl.methods.heads import projection_head_from_state_dict
+
+    for model in (_tiny_simclr(), MoCo(backbone="r3d_18", backbone_kwargs={"width_mult": 0.0625},
+                                       queue_size=8, version=2)):
+        head = projection_head_from_state_dict(model.state_dict())
+        model.projection.eval()
+        x = torch.randn(3, model.feature_dim)
+        torch.testing.assert_close(head(x), model.projection(x))
+        fresh = projection_head_from_state_dict(model.state_dict(), random_init=True)
+        assert not torch.allclose(fresh(x), head(x))
+    with pytest.raises(ValueError, match="no projection head in this checkpoint"):
+        projection_head_from_state_dict({"backbone.conv.weight": torch.zeros(1)})

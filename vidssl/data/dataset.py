@@ -83,12 +83,12 @@ class VideoDataset(Dataset):
     mode the views are drawn by ``temporal`` (:meth:`TemporalTransform.clips`: random clips of
     the video, or shifted copies of one source clip), in ``"eval"`` mode the views are
     ``num_clips`` clips spread evenly over the video (one centre clip when ``num_clips == 1``;
-    ``num_clips=0``: every back-to-back clip from frame 0, their number varying by video). ``dataset[(a, p)]`` (pair sampling, as
-    cluster-guided batch samplers yield) returns view 0 from ``a`` and views ``1..num_views-1``
-    from ``p``; when ``p == a`` the positive clips do not overlap the anchor's (SLIC). In
-    ``"train"`` mode, ``repeat_anchor`` adds one last view repeating the anchor's frames, for
-    either sampling, so both give the same views (``VIEWS``). All views of one video come from
-    one decoder pass.
+    ``num_clips=0``: every back-to-back clip from frame 0, their number varying by video).
+    ``dataset[(a, p)]`` (pair sampling, as cluster-guided batch samplers yield) returns view 0
+    from ``a`` and views ``1..num_views-1`` from ``p``; when ``p == a`` the positive clips do
+    not overlap the anchor's (SLIC). In ``"train"`` mode, ``repeat_anchor`` adds one last view
+    repeating the anchor's frames, for either sampling, so both give the same views
+    (``VIEWS``). All views of one video come from one decoder pass.
 
     Each item is a dict: ``views`` (list of uint8 ``T x H x W x C`` tensors), ``index`` (int, the
     dataset index of the video or anchor that was actually decoded), ``label`` (int, -1 unknown),

@@ -152,7 +152,7 @@ class TemporalTransform:
 
     @classmethod
     def preset(cls, name: str | None, **settings: object) -> TemporalTransform:
-        """The scheme named ``name`` (:data:`TEMPORAL_PRESETS`; ``None``: the defaults).
+        """Return the scheme named ``name`` (:data:`TEMPORAL_PRESETS`; ``None``: defaults).
 
         ``settings`` (the fields) override the preset, except those given as ``None`` and
         probabilities given as ``0.0``, the data module's "not set" values:

@@ -13,9 +13,11 @@ import faiss
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 __all__ = [
     "DEFAULT_KS",
+    "PROTOCOLS",
     "RetrievalResult",
     "evaluate_retrieval",
     "extract_features",
@@ -25,6 +27,17 @@ __all__ = [
 
 #: The ks every paper of the field reports (e.g. Xu et al. 2019 VCOP, CoCLR, SLIC).
 DEFAULT_KS: Tuple[int, ...] = (1, 5, 10, 20, 50)
+
+#: Which clips represent a video (``evaluate_retrieval(protocol=...)``):
+#:
+#: - ``uniform``: ``num_clips`` evenly spread clips of every video, test and training alike,
+#:   features averaged: the field's protocol (Xu et al. 2019; IIC's ``retrieve_clips.py``), and
+#:   the one behind SLIC's published numbers (its README evaluates with ``iic_retrieve_clips.py``:
+#:   10 clips a video, the 128-d projection-head outputs).
+#: - ``slic_evaluate``: SLIC's own ``evaluate.py``: every back-to-back clip of a test video from
+#:   frame 0 (``T // span`` clips, ``test_evaluate``), averaged, against one centre clip per
+#:   training video (``DATA.TEMPORAL_CROP = 'center'``); ``num_clips`` is not used.
+PROTOCOLS: Tuple[str, ...] = ("uniform", "slic_evaluate")
 
 
 def _prepare(feats: Any, center: bool) -> np.ndarray:
@@ -120,6 +133,7 @@ class RetrievalResult:
         center: whether features were mean-centred (CoCLR).
         feature: which features were compared (``"backbone"`` or ``"projection"``).
         similarity: the similarity and the search used.
+        protocol: which clips represent a video (:data:`PROTOCOLS`).
     """
 
     recall: Dict[int, float]
@@ -129,6 +143,15 @@ class RetrievalResult:
     center: bool
     feature: str = "backbone"
     similarity: str = "cosine, exact (faiss IndexFlatIP on L2-normalised features)"
+    protocol: str = "uniform"
+
+    @property
+    def clips(self) -> str:
+        """How each video was represented, in words (for the protocol line)."""
+        if self.protocol == "slic_evaluate":
+            return ("all back-to-back clips per test video averaged, one centre clip per "
+                    "training video (SLIC's evaluate.py)")
+        return f"{self.num_clips} clips per video averaged"
 
     def as_dict(self) -> Dict[str, Any]:
         """Return a flat dict (``R@1``, ``R@5``, ..., and the knobs), e.g. for a logger."""
@@ -144,8 +167,6 @@ def _eval_loader(datamodule: Any, split: str, num_clips: int):
     maker = getattr(datamodule, "eval_dataloader", None)
     if callable(maker):
         return maker(split, num_clips=num_clips)
-    from torch.utils.data import DataLoader
-
     from vidssl.data import VideoDataset, collate_eval_videos
 
     datamodule.setup("fit")
@@ -238,12 +259,14 @@ def evaluate_retrieval(
     projection: bool = False,
     device: Optional[torch.device] = None,
     progress: bool = False,
+    protocol: str = "uniform",
 ) -> RetrievalResult:
     """Run the retrieval protocol: test videos query the training videos.
 
-    Every video is represented by the mean of its backbone features over ``num_clips``
-    uniformly spaced clips (10 in the field's protocol), with the data module's evaluation
-    transform (resize and centre crop).
+    Every video is represented by the mean of its features over ``num_clips`` uniformly spaced
+    clips (10 in the field's protocol), with the data module's evaluation transform (resize and
+    centre crop); ``protocol="slic_evaluate"`` takes SLIC's ``evaluate.py`` clips instead
+    (:data:`PROTOCOLS`).
 
     Args:
         model: the trained method (its ``forward`` returns backbone features).
@@ -254,25 +277,35 @@ def evaluate_retrieval(
         projection: compare projection-head outputs instead of backbone features.
         device: where to run the model (default: the model's device).
         progress: show a progress bar for each split's feature extraction.
+        protocol: ``"uniform"`` or ``"slic_evaluate"``.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown retrieval protocol {protocol!r}; choose one of "
+                         f"{', '.join(PROTOCOLS)}")
+    slic = protocol == "slic_evaluate"
 
     def augment(batch):
         return datamodule.augment(batch, train=False)
 
+    queries = _eval_loader(datamodule, "test", 0 if slic else num_clips)
+    if slic:  # clip counts differ between videos: one video a batch, as SLIC's test loader
+        queries = DataLoader(queries.dataset, batch_size=1, sampler=queries.sampler,
+                             num_workers=queries.num_workers, collate_fn=queries.collate_fn)
     q, ql, _ = extract_features(
-        model, _eval_loader(datamodule, "test", num_clips), augment, projection, device,
+        model, queries, augment, projection, device,
         progress="queries (test)" if progress else None,
     )
     g, gl, _ = extract_features(
-        model, _eval_loader(datamodule, "train", num_clips), augment, projection, device,
-        progress="gallery (train)" if progress else None,
+        model, _eval_loader(datamodule, "train", 1 if slic else num_clips), augment, projection,
+        device, progress="gallery (train)" if progress else None,
     )
     recall = recall_at_k(q.numpy(), ql.numpy(), g.numpy(), gl.numpy(), ks=ks, center=center)
     return RetrievalResult(
         recall=recall,
         num_queries=len(q),
         num_gallery=len(g),
-        num_clips=num_clips,
+        num_clips=1 if slic else num_clips,
         center=center,
         feature="projection" if projection else "backbone",
+        protocol=protocol,
     )
