@@ -69,7 +69,10 @@ class ClusterContrast(MoCo):
       network": ``PseudoLabels(initial_weights=...)``, or a SimCLR stage first) with FINCH's
       finest partition (``PseudoLabels(method="finch")``): 5 of 5 seeds, against 1 of 3 with
       these labels; from random weights, in 1 of the first 3 seeds whatever the labels
-      (3 of 5 with these, its mean no better than the start's).
+      (3 of 5 with these, its mean no better than the start's). The documented path
+      (``examples/configs/cluster_contrast_ucf101.yaml``) is therefore the proposal's source
+      stage: ``PseudoLabels(initial_weights=<pre-trained backbone>, every_n_epochs=0)``,
+      labels clustered once before training; these defaults apply when re-clustering.
     - ``hard_fraction=0.05``, ``drop_fraction=0.001``: Cai et al. 2020 (above).
     - ``temperature=0.2``, head (2-layer MLP, no BN), ``ema_momentum=0.999``, SGD ``lr=0.03``,
       momentum 0.9, weight decay 1e-4, cosine schedule: MoCo v2 (facebookresearch/moco).
