@@ -72,6 +72,12 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         return SimCLR(**_backbone(args)), [], {}
     if name == "simclr":
         return SimCLR(**_optim(args), **_backbone(args)), [], {}
+    if name in ("simclr_cvrl", "simclr_videosimclr"):
+        # The two view schemes (docs/data.md): independent clips of the video (CVRL) against
+        # both views from one clip, each shifted by up to --shift frames (videoSimCLR thesis).
+        preset = name.split("_")[1]
+        extra = {"max_shift": args.shift} if preset == "videosimclr" else {}
+        return SimCLR(**_optim(args), **_backbone(args)), [], {"temporal_preset": preset, **extra}
     if name == "moco":
         # As for ClusterContrast below: --ema instead of 0.999 for a short run, and a queue of
         # two batches (a multiple of the batch, as MoCo requires).
@@ -103,7 +109,8 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         labels = _pseudo_labels(args, start_epoch, cluster_fraction=args.cluster_fraction,
                                 **clustering)  # fmt: skip
         return method, [labels], {}
-    raise SystemExit(f"unknown method {name!r}; valid: simclr, moco, slic, cluster_contrast, "
+    raise SystemExit(f"unknown method {name!r}; valid: simclr, simclr_cvrl, simclr_videosimclr, "
+                     "moco, slic, cluster_contrast, "
                      "or A+B (A for --start-epoch epochs, then B from its backbone)")
 
 
@@ -158,6 +165,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=40)
     ap.add_argument("--every", type=int, default=5, help="re-clustering period (epochs)")
     ap.add_argument("--start-epoch", type=int, default=0, help="first re-clustering epoch")
+    ap.add_argument("--shift", type=int, default=8,
+                    help="simclr_videosimclr: largest shift of each view from the source clip")
     ap.add_argument("--p-same", type=float, default=0.2, help="same-video positive probability")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                     help="adamw (lr --lr, cosine) for every method, or sgd: each its own default")

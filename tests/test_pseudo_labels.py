@@ -411,3 +411,68 @@ def test_unique_rows_drops_padding_and_catches_gaps():
     assert rows.tolist() == [0, 3, 1, 4, 2]
     with pytest.raises(RuntimeError, match="missing from the feature bank"):
         _unique_rows(torch.tensor([0, 1, 3]), 4)
+
+
+# -- the recipes: oracle labels, SLIC's adaptive p, clustering once ----------------------------
+
+
+class LabelledDM(FakeDM):
+    """FakeDM with the index's ground truth, as ``VideoDataModule.train_labels`` gives it."""
+
+    def __init__(self, truth=None, **kw):
+        super().__init__(**kw)
+        self.truth = self.ds.labels.numpy() if truth is None else np.asarray(truth)
+
+    @property
+    def train_labels(self):
+        return self.truth
+
+
+def test_oracle_hands_over_the_index_labels_and_never_clusters(tmp_path, monkeypatch):
+    def forbidden(*a, **k):
+        raise AssertionError("oracle=True clustered")
+
+    monkeypatch.setattr(clustering, "cluster", forbidden)
+    # Labels that no clustering of these clips would give (classes permuted, one unknown).
+    truth = np.random.default_rng(0).permutation(np.arange(N_CLASSES * PER_CLASS) % 5)
+    truth[3] = -1
+    dm, rec = LabelledDM(truth), _Recorder()
+    cb = PseudoLabels(oracle=True, every_n_epochs=1)
+    model = _model()
+    _trainer(tmp_path, [cb, rec], max_epochs=2).fit(model, datamodule=dm)
+    assert [e for e, _, _ in rec.seen] == [0, 1]
+    for _, module_labels, sampler_labels in rec.seen:
+        assert module_labels.cpu().tolist() == truth.tolist()
+        assert sampler_labels.tolist() == truth.tolist()
+    assert cb.labels.tolist() == truth.tolist() and cb.history == []
+    with pytest.raises(RuntimeError, match="no training video has one"):
+        _trainer(tmp_path, [PseudoLabels(oracle=True)], max_epochs=1).fit(
+            _model(), datamodule=LabelledDM(np.full(N_CLASSES * PER_CLASS, -1)))
+
+
+def test_adaptive_p_sets_p_same_to_one_minus_nmi(tmp_path):
+    dm = LabelledDM()
+    cb = PseudoLabels(every_n_epochs=1, p_same=0.2, adaptive_p=True)
+    _trainer(tmp_path, [cb], max_epochs=2).fit(_model(), datamodule=dm)
+    nmi = cb.diagnostics["nmi"]
+    assert 0.0 < nmi < 1.0
+    assert dm._train_batch_sampler.p_same == pytest.approx(1.0 - nmi)
+    assert cb.diagnostics["p_same"] == pytest.approx(1.0 - nmi)
+    assert cb.state_dict()["adapted_p_same"] == pytest.approx(1.0 - nmi)
+    fixed = PseudoLabels(every_n_epochs=1, p_same=0.2)
+    _trainer(tmp_path, [fixed], max_epochs=1).fit(_model(), datamodule=(dm2 := LabelledDM()))
+    assert dm2._train_batch_sampler.p_same == 0.2
+
+
+def test_cluster_once_from_pretrained_weights(tmp_path, monkeypatch):
+    spy = _Spy(clustering.cluster)
+    monkeypatch.setattr(clustering, "cluster", spy)
+    path = tmp_path / "backbone.pt"
+    torch.save(TinyBackbone().state_dict(), path)
+    cb = PseudoLabels(every_n_epochs=0, initial_weights=str(path))
+    _trainer(tmp_path, [cb], max_epochs=3).fit(_model(), datamodule=FakeDM())
+    assert len(spy.calls) == 1 and cb.labels_epoch == -1  # once, before training, never again
+    with pytest.raises(ValueError, match="every_n_epochs=0 never re-clusters.*initial_weights"):
+        PseudoLabels(every_n_epochs=0)
+    with pytest.raises(ValueError, match="oracle=True never clusters"):
+        PseudoLabels(oracle=True, adaptive_p=True)

@@ -549,7 +549,7 @@ def format_recall_table(results: Dict[str, Any]) -> str:
     width = max(8, *(len(n) for n in results))
     lines = [
         f"retrieval protocol: {first.num_queries} test videos query {first.num_gallery} "
-        f"training videos; {first.num_clips} clips per video averaged; {first.feature} "
+        f"training videos; {first.clips}; {first.feature} "
         f"features of {getattr(first, 'modality', 'rgb')}"
         f"{', mean-centred' if first.center else ''}; {first.similarity}; a query "
         "counts at k when one of its k nearest training videos has its class",
@@ -576,6 +576,13 @@ def _add_retrieval(p: argparse.ArgumentParser) -> None:
     _add_clip_args(p)
     p.add_argument("--center", action="store_true", help="mean-centre features (CoCLR)")
     _add_motion_args(p)
+    p.add_argument("--features-from", choices=("backbone", "projection"), default="backbone",
+                   help="compare backbone features (default) or the checkpoint's projection-head "
+                        "outputs (SLIC's published numbers use its 128-d head)")
+    p.add_argument("--protocol", choices=("uniform", "slic_evaluate"), default="uniform",
+                   help="uniform: --num-clips spread clips of every video (the field's, default); "
+                        "slic_evaluate: SLIC's evaluate.py, all back-to-back clips of a test "
+                        "video against one centre clip per training video")
     p.add_argument("--baseline", action="store_true",
                    help="also evaluate a randomly initialised backbone of the same architecture")
     p.add_argument("--batch-size", type=int, default=8, help="videos per batch (8)")
@@ -632,17 +639,38 @@ def _run_retrieval(a: argparse.Namespace) -> int:
     if a.baseline:
         models["random init"], _ = load_encoder(info["backbone"], backbone_kwargs=info.get(
             "backbone_kwargs"), random_init=True, motion=info.get("motion"))
+    projection = a.features_from == "projection"
+    if projection:
+        models = _with_projection_heads(models, a.ckpt)
     results = {}
     for name, model in models.items():
         print(f"evaluating {name} ...", file=sys.stderr)
         results[name] = evaluate_retrieval(model.to(device), dm, num_clips=settings.num_clips,
                                            center=a.center, progress=True,
-                                           features=a.features, combine=a.combine)
+                                           features=a.features, combine=a.combine,
+                                           projection=projection, protocol=a.protocol)
     print(format_recall_table(results))
     if a.json:
         Path(a.json).write_text(json.dumps({n: r.as_dict() for n, r in results.items()},
                                            indent=1))
     return 0
+
+
+def _with_projection_heads(models: Dict[str, Any], ckpt: str) -> Dict[str, Any]:
+    """Give each encoder the checkpoint's projection head (the baseline: a fresh one)."""
+    from vidssl.evaluation.embed import load_checkpoint
+    from vidssl.methods.heads import HeadedEncoder, projection_head_from_state_dict
+
+    state = load_checkpoint(ckpt).get("state_dict") if os.path.isfile(ckpt) else None
+    if not isinstance(state, dict):
+        raise CLIError(f"--features-from projection needs a vidssl Lightning checkpoint (.ckpt) "
+                       f"with its projection head; {ckpt} has none, use --features-from backbone")
+    try:
+        return {name: HeadedEncoder(model, projection_head_from_state_dict(
+                    state, random_init=name == "random init"))
+                for name, model in models.items()}
+    except ValueError as e:
+        raise CLIError(f"{ckpt}: {e}") from e
 
 
 # ---------------------------------------------------------------------------- export-backbone

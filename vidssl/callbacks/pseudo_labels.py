@@ -41,8 +41,10 @@ def pair_error_rates(pseudo: Any, truth: Any) -> Dict[str, float]:
     - ``negative_fn_rate``: the share of the videos outside ``a``'s cluster that have ``a``'s
       class: the chance that a negative drawn outside the cluster is a false negative.
 
-    SLIC tracks the same two kinds of errors on its sampled triplets (``FP``/``FN`` in its
-    ``online_train.py``). Computed from the contingency table in float64, ``O(N + K C)``.
+    These are vidssl's measures: SLIC's official code (rvl-lab-utoronto/video_similarity_search
+    at commit 4004682, ``online_train.py``) logs only NMI and AMI against the true labels at each
+    re-clustering, no false-positive or false-negative rates. Computed from the contingency table
+    in float64, ``O(N + K C)``.
 
     Args:
         pseudo: ``N`` cluster labels (any integers).
@@ -247,11 +249,24 @@ class PseudoLabels(pl.Callback):
     NMI/AMI/ARI against the ground truth where known, :func:`pair_error_rates`, and for a
     method with a ``hard_fraction`` (``ClusterContrast``) :func:`hard_negative_fn_rate`.
 
+    Three ways to get labels:
+
+    - re-clustering the model's own features every ``every_n_epochs`` (SLIC's iterative
+      clustering, the default);
+    - clustering once, before training, the features of a pre-trained network
+      (``initial_weights``) and never again (``every_n_epochs=0``): the source stage of
+      cluster-guided contrastive learning (``examples/configs/cluster_contrast_ucf101.yaml``);
+    - ``oracle=True``: the training index's ground-truth classes, never clustering ("Supervised
+      SLIC" in SLIC's table): an upper bound that tells the clustering's errors from the loss's,
+      not a self-supervised result.
+
     Arguments left at ``None`` take the method's ``pseudo_label_defaults`` (a class attribute of
     ``ClusterTriplet`` and ``ClusterContrast``), then the values in brackets.
 
     Args:
-        every_n_epochs: re-clustering period ``k`` [5].
+        every_n_epochs: re-clustering period ``k`` [5]; ``0`` never re-clusters: the labels are
+            made once before training (needs ``initial_weights`` or
+            ``cluster_before_training``).
         start_epoch: first re-clustering epoch [0].
         method: ``"finch"``, ``"agglomerative"`` or ``"kmeans"`` [``"finch"``].
         level: FINCH partition, ``0`` the finest [0]; ignored with ``num_clusters``.
@@ -270,6 +285,16 @@ class PseudoLabels(pl.Callback):
         install_sampler: if the data module has ``set_train_batch_sampler`` and no batch sampler
             yet, install a ``ClusterBatchSampler`` (pair sampling) at setup.
         p_same: the installed sampler's probability of a same-video positive (SLIC UCF101: 0.2).
+        adaptive_p: after each clustering, set the training sampler's ``p_same`` to ``1 - NMI``
+            of the pseudo-labels against the ground-truth classes: SLIC's
+            ``ITERCLUSTER.ADAPTIVEP`` (``online_train.py`` of the official code sets
+            ``DATASET.POSITIVE_SAMPLING_P = 1.0 - NMI`` with
+            ``NMI = normalized_mutual_info_score(true_labels, cluster_labels)``). It reads the
+            true labels, so a run with it is not label-free; NMI over the videos with a known
+            class (an error when none has one).
+        oracle: hand over the ground-truth classes of the training index (``train_labels``)
+            instead of clusters, and never cluster: an upper bound (unknown classes, ``-1``,
+            are each their own class, as for clusters).
         seed: the installed sampler's seed.
         progress_bar: show a tqdm bar over the embedding pass on rank 0 when it has more than
             20 batches.
@@ -290,6 +315,8 @@ class PseudoLabels(pl.Callback):
         initial_weights: Optional[str] = None,
         install_sampler: bool = True,
         p_same: float = 0.2,
+        adaptive_p: bool = False,
+        oracle: bool = False,
         seed: int = 0,
         progress_bar: bool = True,
     ) -> None:
@@ -302,8 +329,17 @@ class PseudoLabels(pl.Callback):
             raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
         if cluster_fraction is not None and not 0.0 < cluster_fraction <= 1.0:
             raise ValueError(f"cluster_fraction must be in (0, 1], got {cluster_fraction}")
-        if every_n_epochs is not None and every_n_epochs < 1:
-            raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if every_n_epochs is not None and every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 1, or 0 for never, got {every_n_epochs}")
+        if every_n_epochs == 0 and not (cluster_before_training or initial_weights or oracle):
+            raise ValueError(
+                "every_n_epochs=0 never re-clusters, so the labels must be made before training: "
+                "give initial_weights (a pre-trained backbone to cluster) or "
+                "cluster_before_training=True"
+            )
+        if oracle and adaptive_p:
+            raise ValueError("oracle=True never clusters, so adaptive_p has no NMI to follow; "
+                             "drop one of them")
         self._args = dict(
             every_n_epochs=every_n_epochs,
             start_epoch=start_epoch,
@@ -319,6 +355,8 @@ class PseudoLabels(pl.Callback):
         self.initial_weights = initial_weights
         self.install_sampler = install_sampler
         self.p_same = p_same
+        self.adaptive_p = adaptive_p
+        self.oracle = oracle
         self.seed = seed
         self.progress_bar = progress_bar
         # State saved in checkpoints.
@@ -328,6 +366,7 @@ class PseudoLabels(pl.Callback):
         self._sampler_state: Optional[Dict[str, Any]] = None  # loaded, given to the sampler
         self._sampler: Any = None  # the training batch sampler labels were last handed to
         self._batches_done = 0  # training batches finished in the current epoch
+        self._adapted_p: Optional[float] = None  # adaptive_p's current p_same
 
     @property
     def labels(self) -> Optional[torch.Tensor]:
@@ -375,9 +414,11 @@ class PseudoLabels(pl.Callback):
 
     def is_due(self, epoch: int, pl_module: Optional[pl.LightningModule] = None) -> bool:
         """Whether the schedule re-clusters at the start of ``epoch``."""
+        if self.oracle:
+            return False
         start = self.setting("start_epoch", pl_module)
         every = self.setting("every_n_epochs", pl_module)
-        return epoch >= start and (epoch - start) % every == 0
+        return every > 0 and epoch >= start and (epoch - start) % every == 0
 
     # -- checkpointed state -------------------------------------------------------------------
 
@@ -385,15 +426,17 @@ class PseudoLabels(pl.Callback):
         """Return the labels' state, the diagnostics, the history and the sampler's state.
 
         Keys: those of :meth:`PseudoLabelState.to_dict` (``labels``, ``keys``,
-        ``labels_epoch``), ``diagnostics``, ``history``, and ``sampler``: the training batch
-        sampler's ``state_dict()`` plus ``batches_done``, the batches of the current epoch
-        finished when the checkpoint was made.
+        ``labels_epoch``), ``diagnostics``, ``history``, ``adapted_p_same`` (``adaptive_p``'s
+        current value, or ``None``), and ``sampler``: the training batch sampler's
+        ``state_dict()`` plus ``batches_done``, the batches of the current epoch finished when
+        the checkpoint was made.
         """
         out: Dict[str, Any] = {"labels": None, "keys": None, "labels_epoch": None}
         if self.state is not None:
             out.update(self.state.to_dict())
         out["diagnostics"] = dict(self.diagnostics)
         out["history"] = [dict(h) for h in self.history]
+        out["adapted_p_same"] = self._adapted_p
         sampler = self._sampler
         if sampler is not None and hasattr(sampler, "state_dict"):
             out["sampler"] = {**sampler.state_dict(), "batches_done": self._batches_done}
@@ -407,6 +450,7 @@ class PseudoLabels(pl.Callback):
         self.state = PseudoLabelState.from_dict(state_dict)
         self.diagnostics = dict(state_dict.get("diagnostics", {}))
         self.history = [dict(h) for h in state_dict.get("history", [])]
+        self._adapted_p = state_dict.get("adapted_p_same")
         self._sampler_state = state_dict.get("sampler")
 
     # -- Lightning hooks ----------------------------------------------------------------------
@@ -438,9 +482,12 @@ class PseudoLabels(pl.Callback):
         """Map resumed labels onto the current videos, make initial labels if asked, hand over.
 
         Re-clusters at once when videos were added since the checkpoint; initial labels
-        (``cluster_before_training``) are not made when resuming with labels.
+        (``cluster_before_training``) are not made when resuming with labels. With ``oracle``
+        the labels are the index's classes, read afresh (resumed or not).
         """
-        if self.state is not None and not self._align(trainer, pl_module):
+        if self.oracle:
+            self._oracle_labels(trainer)
+        elif self.state is not None and not self._align(trainer, pl_module):
             self.recluster(trainer, pl_module, epoch=trainer.current_epoch)
         if self.cluster_before_training and self.state is None:
             encoder = None
@@ -506,6 +553,29 @@ class PseudoLabels(pl.Callback):
         )
         return not again
 
+    def _oracle_labels(self, trainer: pl.Trainer) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        truth = getattr(dm, "train_labels", None)
+        if truth is None:
+            raise RuntimeError("PseudoLabels(oracle=True) needs a data module with train_labels "
+                               "(vidssl.data.VideoDataModule)")
+        truth = np.asarray(truth, dtype=np.int64)
+        if not (truth >= 0).any():
+            raise RuntimeError(
+                "PseudoLabels(oracle=True) hands over ground-truth classes, but no training video "
+                "has one: use class folders, a CSV with a label column, or a UCF101 / HMDB51 "
+                "layout, or drop oracle"
+            )
+        ids = getattr(dm, "train_video_ids", None)
+        self.state = PseudoLabelState(truth, ids, -1)
+        if trainer.is_global_zero:
+            log.warning(
+                "PseudoLabels(oracle=True): training on the ground-truth classes of %d videos "
+                "(%d classes, %d unknown), not on clusters: an upper bound, not a "
+                "self-supervised result.", len(truth), len(np.unique(truth[truth >= 0])),
+                int((truth < 0).sum()),
+            )
+
     def _restore_sampler(self, trainer: pl.Trainer) -> None:
         state, self._sampler_state = self._sampler_state, None
         sampler = self._sampler
@@ -530,6 +600,8 @@ class PseudoLabels(pl.Callback):
             pl_module.set_pseudo_labels(labels)
         if self._sampler is not None:
             self._sampler.set_labels(labels)
+            if self._adapted_p is not None:
+                self._sampler.p_same = self._adapted_p
 
     def _pretrained_encoder(self, pl_module: pl.LightningModule) -> Callable:
         from vidssl.backbones import load_backbone_weights
@@ -688,6 +760,14 @@ class PseudoLabels(pl.Callback):
         # that were clustered.
         metrics = clustering.clustering_metrics(clustered, truth_ok, ami=True)
         metrics.update(pair_error_rates(clustered, truth_ok))
+        if self.adaptive_p:
+            if "nmi" not in metrics:
+                raise RuntimeError(
+                    "PseudoLabels(adaptive_p=True) sets p_same = 1 - NMI against the true "
+                    "classes, but no training video has a class; drop adaptive_p"
+                )
+            self._adapted_p = min(1.0, max(0.0, 1.0 - float(metrics["nmi"])))
+            metrics["p_same"] = self._adapted_p
         # A method that keeps only its hardest negatives (ClusterContrast) is hurt by the false
         # ones among them, which the rate over all negatives hides.
         hard = getattr(pl_module, "hard_fraction", None)

@@ -72,6 +72,8 @@ class RetrievalMonitor(pl.Callback):
         at_start: also measure once before the first training step (not on resume), kept in
             ``initial`` and logged as ``{prefix}R@k_start``: the starting point of the curve
             under the same protocol.
+        features_from: compare ``"backbone"`` features or ``"projection"`` head outputs
+            (SLIC's published numbers use its 128-d head's).
     """
 
     def __init__(
@@ -81,14 +83,19 @@ class RetrievalMonitor(pl.Callback):
         center: bool = False,
         prefix: str = "val/",
         at_start: bool = False,
+        features_from: str = "backbone",
     ):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
+        if features_from not in ("backbone", "projection"):
+            raise ValueError(f"features_from must be 'backbone' or 'projection', got "
+                             f"{features_from!r}")
         self.every_n_epochs = every_n_epochs
         self.ks = tuple(ks)
         self.center = center
         self.prefix = prefix
         self.at_start = at_start
+        self.features_from = features_from
         self.initial: Optional[dict] = None
         self.last: Optional[dict] = None
         self._warned = False
@@ -132,8 +139,9 @@ class RetrievalMonitor(pl.Callback):
         def augment(batch):
             return dm.augment(batch, train=False)
 
-        q, ql, qi = extract_features(pl_module, query, augment, dtype=torch.float16)
-        g, gl, gi = extract_features(pl_module, gallery, augment, dtype=torch.float16)
+        projection = self.features_from == "projection"
+        q, ql, qi = extract_features(pl_module, query, augment, projection, dtype=torch.float16)
+        g, gl, gi = extract_features(pl_module, gallery, augment, projection, dtype=torch.float16)
         q, ql = _gather_unique(q, ql, qi, pl_module.device)
         g, gl = _gather_unique(g, gl, gi, pl_module.device)
         return recall_at_k(q.float().numpy(), ql.numpy(), g.float().numpy(), gl.numpy(),

@@ -65,11 +65,20 @@ class VideoDataModule(pl.LightningDataModule):
         train_preset: training augmentation preset (``simclr``, ``slic``, ``crop_flip``).
         eval_num_clips: clips per video for val/test loaders (views ``0..N-1``; retrieval
             protocols average features over them); the bank loader always uses 1 centre clip.
-        max_shift: temporal shift of later training views from the first (``None``:
-            independent random clips).
+        temporal_preset: named temporal scheme of the training views
+            (:data:`~vidssl.data.sampling.TEMPORAL_PRESETS`): ``cvrl`` (independent clips of the
+            video) or ``videosimclr`` (both views from one clip, shifted up to 8 frames each,
+            pair-level transforms). ``max_shift``, ``views_from`` and the probabilities below
+            override it when set. ``None``: the settings below alone.
+        views_from: ``"video"`` (every view a clip of the video, CVRL) or ``"clip"`` (all views
+            from one source clip, transforms applied to one view of the pair; the videoSimCLR
+            thesis); see :class:`~vidssl.data.sampling.TemporalTransform`. Default ``"video"``.
+        max_shift: temporal shift (frames) of later training views from the first (``None``:
+            independent random clips); with ``views_from="clip"``, of every view from the
+            source clip.
         drop_p: probability of temporal frame drop (keep even/odd of ``2T`` frames).
-        reverse_p: probability of reversing a training view.
-        shuffle_p: probability of shuffling a training view's frames.
+        reverse_p: probability of reversing a training view (``"clip"``: one view of the pair).
+        shuffle_p: probability of shuffling a training view's frames (``"clip"``: one view).
         repeat_anchor: add a last view repeating the anchor's frames (default ``False``, or
             from ``views``).
         batch_size: training batch size (per process).
@@ -104,6 +113,8 @@ class VideoDataModule(pl.LightningDataModule):
         crop_size: int = 112,
         train_preset: str = "simclr",
         eval_num_clips: int = 1,
+        temporal_preset: Literal["cvrl", "videosimclr"] | None = None,
+        views_from: Literal["video", "clip"] | None = None,
         max_shift: int | None = None,
         drop_p: float = 0.0,
         reverse_p: float = 0.0,
@@ -136,7 +147,10 @@ class VideoDataModule(pl.LightningDataModule):
         self.short_side = short_side
         self.crop_size = crop_size
         self.eval_num_clips = eval_num_clips
-        self.temporal = TemporalTransform(max_shift, drop_p, reverse_p, shuffle_p)
+        self.temporal = TemporalTransform.preset(
+            temporal_preset, max_shift=max_shift, drop_p=drop_p, reverse_p=reverse_p,
+            shuffle_p=shuffle_p, views_from=views_from,
+        )
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers

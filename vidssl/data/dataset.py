@@ -20,6 +20,7 @@ from vidssl.data.sampling import (
     TemporalTransform,
     clip_span,
     loop_indices,
+    non_overlapping_clips,
     non_overlapping_start,
     random_clip,
     uniform_clips,
@@ -79,14 +80,15 @@ class VideoDataset(Dataset):
     """Decode clips of indexed videos into uint8 views.
 
     ``dataset[i]`` (instance sampling) returns ``num_views`` views of video ``i``; in ``"train"``
-    mode each view is a random clip (later views shifted from the first by ``temporal.max_shift``
-    when set), in ``"eval"`` mode the views are ``num_clips`` clips spread evenly over the video
-    (one centre clip when ``num_clips == 1``). ``dataset[(a, p)]`` (pair sampling, as
-    cluster-guided batch samplers yield) returns view 0 from ``a`` and views ``1..num_views-1``
-    from ``p``; when ``p == a`` the positive clips do not overlap the anchor's (SLIC). In
-    ``"train"`` mode, ``repeat_anchor`` adds one last view repeating the anchor's frames, for
-    either sampling, so both give the same views (``VIEWS``). All views of one video come from
-    one decoder pass.
+    mode the views are drawn by ``temporal`` (:meth:`TemporalTransform.clips`: random clips of
+    the video, or shifted copies of one source clip), in ``"eval"`` mode the views are
+    ``num_clips`` clips spread evenly over the video (one centre clip when ``num_clips == 1``;
+    ``num_clips=0``: every back-to-back clip from frame 0, their number varying by video).
+    ``dataset[(a, p)]`` (pair sampling, as cluster-guided batch samplers yield) returns view 0
+    from ``a`` and views ``1..num_views-1`` from ``p``; when ``p == a`` the positive clips do
+    not overlap the anchor's (SLIC). In ``"train"`` mode, ``repeat_anchor`` adds one last view
+    repeating the anchor's frames, for either sampling, so both give the same views
+    (``VIEWS``). All views of one video come from one decoder pass.
 
     Each item is a dict: ``views`` (list of uint8 ``T x H x W x C`` tensors), ``index`` (int, the
     dataset index of the video or anchor that was actually decoded), ``label`` (int, -1 unknown),
@@ -104,7 +106,9 @@ class VideoDataset(Dataset):
         num_views: clips per sample in ``"train"`` mode: the anchor and ``num_views - 1``
             positives (other clips of the video, or of the pair's positive).
         mode: ``"train"`` (random clips) or ``"eval"`` (deterministic evenly spread clips).
-        num_clips: clips per video in ``"eval"`` mode (views ``0..num_clips-1``, in time order).
+        num_clips: clips per video in ``"eval"`` mode (views ``0..num_clips-1``, in time order);
+            ``0``: all back-to-back clips (:func:`~vidssl.data.sampling.non_overlapping_clips`,
+            SLIC's test clips; batch such items one video at a time).
         temporal: temporal transforms of training views.
         short_side: decode-time resize of the shorter frame side (aspect kept); ``0`` = native.
         backend: ``"decord"`` (random access; exact-flagged files via PyAV) or ``"pyav"``.
@@ -142,8 +146,8 @@ class VideoDataset(Dataset):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}.")
         if on_error not in ("resample", "raise", "skip"):
             raise ValueError(f"on_error must be 'resample', 'raise' or 'skip', got {on_error!r}.")
-        if clip_len < 1 or stride < 1 or num_views < 1 or num_clips < 1:
-            raise ValueError("clip_len, stride, num_views and num_clips must be >= 1.")
+        if clip_len < 1 or stride < 1 or num_views < 1 or num_clips < 0:
+            raise ValueError("clip_len, stride and num_views must be >= 1, num_clips >= 0.")
         if not index.probed:
             index.probe()
         self.index = index
@@ -236,14 +240,11 @@ class VideoDataset(Dataset):
 
     def _instance_clips(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         if self.mode == "eval":
+            if self.num_clips == 0:
+                return list(non_overlapping_clips(n, self.clip_len, self.stride))
             return list(uniform_clips(n, self.clip_len, self.stride, self.num_clips))
-        span = clip_span(self.clip_len, self.stride)
         start = int(random_clip(n, self.clip_len, self.stride, rng)[0])
-        clips = []
-        for v in range(self.num_views):
-            s = start if v == 0 else self.temporal.shifted_start(start, n, span, rng)
-            clips.append(self.temporal.view_indices(s, n, self.clip_len, self.stride, rng))
-        return clips
+        return self.temporal.clips(start, n, self.num_views, self.clip_len, self.stride, rng)
 
     def _sample(self, item: Item, rng: np.random.Generator) -> dict[str, Any]:
         nf = self.index.num_frames

@@ -14,11 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import DataLoader
 
 __all__ = [
     "COMBINE",
     "DEFAULT_KS",
     "FEATURES",
+    "PROTOCOLS",
     "RetrievalResult",
     "evaluate_retrieval",
     "combine_features",
@@ -101,6 +103,18 @@ def _motion_clips(batch: Dict[str, Any], num_clips: int) -> list:
             "(and flow_dir), 'mv' or 'diff' and no motion_views"
         )
     return [motion[i] for i in range(num_clips)]
+
+
+#: Which clips represent a video (``evaluate_retrieval(protocol=...)``):
+#:
+#: - ``uniform``: ``num_clips`` evenly spread clips of every video, test and training alike,
+#:   features averaged: the field's protocol (Xu et al. 2019; IIC's ``retrieve_clips.py``), and
+#:   the one behind SLIC's published numbers (its README evaluates with ``iic_retrieve_clips.py``:
+#:   10 clips a video, the 128-d projection-head outputs).
+#: - ``slic_evaluate``: SLIC's own ``evaluate.py``: every back-to-back clip of a test video from
+#:   frame 0 (``T // span`` clips, ``test_evaluate``), averaged, against one centre clip per
+#:   training video (``DATA.TEMPORAL_CROP = 'center'``); ``num_clips`` is not used.
+PROTOCOLS: Tuple[str, ...] = ("uniform", "slic_evaluate")
 
 
 def _prepare(feats: Any, center: bool) -> np.ndarray:
@@ -198,6 +212,7 @@ class RetrievalResult:
         modality: which clips made them (``"rgb"``, ``"motion"`` or how both were joined, see
             :func:`describe_features`).
         similarity: the similarity and the search used.
+        protocol: which clips represent a video (:data:`PROTOCOLS`).
     """
 
     recall: Dict[int, float]
@@ -208,6 +223,15 @@ class RetrievalResult:
     feature: str = "backbone"
     modality: str = "rgb"
     similarity: str = "cosine, exact (faiss IndexFlatIP on L2-normalised features)"
+    protocol: str = "uniform"
+
+    @property
+    def clips(self) -> str:
+        """How each video was represented, in words (for the protocol line)."""
+        if self.protocol == "slic_evaluate":
+            return ("all back-to-back clips per test video averaged, one centre clip per "
+                    "training video (SLIC's evaluate.py)")
+        return f"{self.num_clips} clips per video averaged"
 
     def as_dict(self) -> Dict[str, Any]:
         """Return a flat dict (``R@1``, ``R@5``, ..., and the knobs), e.g. for a logger."""
@@ -223,8 +247,6 @@ def _eval_loader(datamodule: Any, split: str, num_clips: int):
     maker = getattr(datamodule, "eval_dataloader", None)
     if callable(maker):
         return maker(split, num_clips=num_clips)
-    from torch.utils.data import DataLoader
-
     from vidssl.data import VideoDataset, collate_eval_videos
 
     datamodule.setup("fit")
@@ -341,14 +363,16 @@ def evaluate_retrieval(
     progress: bool = False,
     features: str = "rgb",
     combine: str = "mean",
+    protocol: str = "uniform",
 ) -> RetrievalResult:
     """Run the retrieval protocol: test videos query the training videos.
 
-    Every video is represented by the mean of its backbone features over ``num_clips``
-    uniformly spaced clips (10 in the field's protocol), with the data module's evaluation
-    transform (resize and centre crop). With ``features="motion"`` or ``"both"`` the clips'
-    motion fields (the data module's ``motion``, centre-cropped as the RGB) are embedded too,
-    see :func:`extract_features`; ``RetrievalResult.modality`` records which.
+    Every video is represented by the mean of its features over ``num_clips`` uniformly spaced
+    clips (10 in the field's protocol), with the data module's evaluation transform (resize and
+    centre crop); ``protocol="slic_evaluate"`` takes SLIC's ``evaluate.py`` clips instead
+    (:data:`PROTOCOLS`). With ``features="motion"`` or ``"both"`` the clips' motion fields (the
+    data module's ``motion``, centre-cropped as the RGB) are embedded too, see
+    :func:`extract_features`; ``RetrievalResult.modality`` records which.
 
     Args:
         model: the trained method (its ``forward`` returns backbone features).
@@ -361,7 +385,12 @@ def evaluate_retrieval(
         progress: show a progress bar for each split's feature extraction.
         features: ``"rgb"``, ``"motion"`` or ``"both"``.
         combine: ``"mean"`` or ``"concat"``, how ``"both"`` joins the two features.
+        protocol: ``"uniform"`` or ``"slic_evaluate"``.
     """
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"unknown retrieval protocol {protocol!r}; choose one of "
+                         f"{', '.join(PROTOCOLS)}")
+    slic = protocol == "slic_evaluate"
     _check_features(features, combine)
     _needs_motion_encoder(model, features)
     if features != "rgb" and not getattr(datamodule, "motion_channels", 0):
@@ -375,12 +404,16 @@ def evaluate_retrieval(
     def augment(batch):
         return datamodule.augment(batch, train=False)
 
+    queries = _eval_loader(datamodule, "test", 0 if slic else num_clips)
+    if slic:  # clip counts differ between videos: one video a batch, as SLIC's test loader
+        queries = DataLoader(queries.dataset, batch_size=1, sampler=queries.sampler,
+                             num_workers=queries.num_workers, collate_fn=queries.collate_fn)
     q, ql, _ = extract_features(
-        model, _eval_loader(datamodule, "test", num_clips), augment,
+        model, queries, augment,
         progress="queries (test)" if progress else None, **extract,
     )
     g, gl, _ = extract_features(
-        model, _eval_loader(datamodule, "train", num_clips), augment,
+        model, _eval_loader(datamodule, "train", 1 if slic else num_clips), augment,
         progress="gallery (train)" if progress else None, **extract,
     )
     recall = recall_at_k(q.numpy(), ql.numpy(), g.numpy(), gl.numpy(), ks=ks, center=center)
@@ -388,8 +421,9 @@ def evaluate_retrieval(
         recall=recall,
         num_queries=len(q),
         num_gallery=len(g),
-        num_clips=num_clips,
+        num_clips=1 if slic else num_clips,
         center=center,
         feature="projection" if projection else "backbone",
         modality=describe_features(features, combine),
+        protocol=protocol,
     )

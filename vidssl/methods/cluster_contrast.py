@@ -65,6 +65,10 @@ class ClusterContrast(MomentumKeys):
       the method is designed for the labels of a network that already separates videos, and
       from random weights its labels mostly group by appearance. Measurements of both
       choices: docs/benchmarks.md ("Retrieval after short pretraining").
+      The documented path (``examples/configs/cluster_contrast_ucf101.yaml``) is therefore
+      the proposal's source stage: ``PseudoLabels(initial_weights=<pre-trained backbone>,
+      every_n_epochs=0)``, labels clustered once before training; these defaults apply when
+      re-clustering.
     - ``hard_fraction=0.05``, ``drop_fraction=0.001``: Cai et al. 2020 (above).
     - ``temperature=0.2``, head (2-layer MLP, no BN), ``ema_momentum=0.999``, SGD ``lr=0.03``,
       momentum 0.9, weight decay 1e-4, cosine schedule: MoCo v2 (facebookresearch/moco).
