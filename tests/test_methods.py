@@ -174,9 +174,19 @@ def test_moco_queue_is_a_ring_for_any_batch():
 
 
 def test_set_pseudo_labels():
-    m = SimCLR(**TINY)
+    """Cluster-guided methods consume labels (a state or ints); the others carry nothing."""
+    from vidssl.methods import ClusterTriplet
+    from vidssl.pseudo_labels import PseudoLabelConsumer, PseudoLabelState
+
+    m = ClusterTriplet(**TINY)
+    assert isinstance(m, PseudoLabelConsumer) and m.pseudo_labels is None
     m.set_pseudo_labels([0, -1, 2])
     assert m.pseudo_labels.dtype == torch.long and m.pseudo_labels.tolist() == [0, -1, 2]
+    m.set_pseudo_labels(PseudoLabelState([1, 1, 0], ["a", "b", "c"], epoch=3))
+    assert m.pseudo_labels.tolist() == [1, 1, 0]
+    assert "pseudo_labels" not in m.state_dict()
+    simclr = SimCLR(**TINY)
+    assert not isinstance(simclr, PseudoLabelConsumer) and not hasattr(simclr, "pseudo_labels")
 
 
 # ----------------------------------------------------------------------------- EMA, schedules
@@ -332,9 +342,9 @@ def test_lr_schedule_is_stepped_per_step():
 
 
 # ----------------------------------------------------------------------------- the docs example
-def _doc_code():
+def _doc_code(which: int = 0):
     blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), flags=re.S)
-    return blocks[0]
+    return blocks[which]
 
 
 def test_doc_example_is_short_and_trains():
@@ -413,3 +423,27 @@ def test_moco_and_cluster_contrast_share_one_queue_component():
     assert cc.key_queue.check_batches(3, False) is None
     assert ClusterContrast(queue_size=0, **TINY).key_queue is None
     assert not isinstance(cc, MoCo)  # no subclass that undoes its parent
+
+
+def test_cluster_guided_doc_example_is_short_and_takes_the_callbacks_labels(tiny_video_root):
+    """docs/adding_a_method.md's cluster-guided example: under 60 lines, trains, and the
+    PseudoLabels callback hands it the labels and logs its diagnostics hook."""
+    from vidssl.callbacks import PseudoLabels
+    from vidssl.data import VideoDataModule
+    from vidssl.pseudo_labels import PseudoLabelConsumer
+
+    code = _doc_code(2)
+    assert "class PseudoSupCon" in code and len(code.strip().splitlines()) < 60
+    namespace = {}
+    exec(compile(code, str(DOC), "exec"), namespace)
+    torch.manual_seed(0)
+    method = namespace["PseudoSupCon"](proj_hidden_dim=32, proj_output_dim=16, **TINY)
+    assert isinstance(method, PseudoLabelConsumer)
+    dm = VideoDataModule(train=str(tiny_video_root), clip_len=4, stride=2, short_side=32,
+                         crop_size=32, batch_size=4, num_workers=0, views=method.views)
+    cb = PseudoLabels(every_n_epochs=1, method="kmeans", num_clusters=4, progress_bar=False)
+    _trainer(max_epochs=2, callbacks=[cb]).fit(method, datamodule=dm)
+    assert cb.labels_epoch == 1 and torch.equal(method.pseudo_labels.cpu(), cb.labels)
+    assert torch.equal(dm.train_batch_sampler.labels, cb.labels)
+    assert cb.diagnostics["clusters"] == 4.0
+    assert "model being trained" in cb.pseudo_label_state.provenance

@@ -273,7 +273,9 @@ def test_reclusters_on_schedule_hands_over_and_logs(tmp_path, monkeypatch):
     dm, rec = FakeDM(), _Recorder()
     cb = PseudoLabels(every_n_epochs=2, p_same=0.0)
     model = _model()
-    model.hard_fraction = 0.25  # as ClusterContrast has: the hard-negative rate is logged too
+    # The method's own diagnostics hook (ClusterContrast's): its figures are logged too.
+    model.pseudo_label_diagnostics = lambda f, lab, t: {
+        "hard_negative_fn_rate": hard_negative_fn_rate(f, lab, t, 0.25)}
     _trainer(tmp_path, [cb, rec], max_epochs=3).fit(model, datamodule=dm)
     n = len(dm.ds)
     assert spy.calls == [n, n]  # epochs 0 and 2

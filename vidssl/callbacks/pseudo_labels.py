@@ -6,11 +6,9 @@ the labels, checkpoints them, and logs how well they agree with the ground truth
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytorch_lightning as pl
@@ -21,198 +19,17 @@ from torch import nn
 
 from vidssl import clustering
 from vidssl import distributed as vdist
-from vidssl.losses.mining import check_negative_fractions, hard_negative_mask
+from vidssl.clustering.metrics import pair_error_rates
+from vidssl.losses.mining import hard_negative_fn_rate
+from vidssl.pseudo_labels import PseudoLabelConsumer, PseudoLabelDiagnostics, PseudoLabelState
 
+# PseudoLabelState, pair_error_rates and hard_negative_fn_rate live in vidssl.pseudo_labels,
+# vidssl.clustering.metrics and vidssl.losses.mining; they stay importable from here.
 __all__ = ["PseudoLabelState", "PseudoLabels", "hard_negative_fn_rate", "pair_error_rates"]
 
 log = logging.getLogger(__name__)
 
 FEATURES = ("backbone", "projection")
-
-
-def pair_error_rates(pseudo: Any, truth: Any) -> Dict[str, float]:
-    """How often cluster positives and negatives are wrong with respect to the ground truth.
-
-    Averaged over anchors ``a`` with a known class (``truth >= 0``; unknown ones are left out):
-
-    - ``positive_fp_rate``: the share of the *other* members of ``a``'s cluster whose class
-      differs from ``a``'s, over anchors whose cluster has another member. It is the chance
-      that a positive drawn from the cluster (as ``ClusterBatchSampler`` draws them) is false.
-    - ``negative_fn_rate``: the share of the videos outside ``a``'s cluster that have ``a``'s
-      class: the chance that a negative drawn outside the cluster is a false negative.
-
-    These are vidssl's measures: SLIC's official code (rvl-lab-utoronto/video_similarity_search
-    at commit 4004682, ``online_train.py``) logs only NMI and AMI against the true labels at each
-    re-clustering, no false-positive or false-negative rates. Computed from the contingency table
-    in float64, ``O(N + K C)``.
-
-    Args:
-        pseudo: ``N`` cluster labels (any integers).
-        truth: ``N`` class labels, ``-1`` where unknown.
-    """
-    p = np.asarray(torch.as_tensor(pseudo).cpu().numpy()).reshape(-1)
-    t = np.asarray(torch.as_tensor(truth).cpu().numpy()).reshape(-1)
-    if p.shape != t.shape:
-        raise ValueError(f"pseudo ({p.shape[0]}) and truth ({t.shape[0]}) differ in length.")
-    known = t >= 0
-    p, t = p[known], t[known]
-    n = p.shape[0]
-    if n == 0:
-        return {}
-    _, pi = np.unique(p, return_inverse=True)
-    _, ti = np.unique(t, return_inverse=True)
-    cont = np.zeros((pi.max() + 1, ti.max() + 1), dtype=np.float64)
-    np.add.at(cont, (pi, ti), 1.0)
-    a = cont.sum(axis=1)  # cluster sizes
-    b = cont.sum(axis=0)  # class sizes
-    # Anchors in cell (cluster j, class i) count n_ji each.
-    others_in = a[:, None] - 1.0  # other members of the anchor's cluster
-    wrong_in = a[:, None] - cont  # of those, other classes
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fp = np.where(others_in > 0, wrong_in / others_in, 0.0)
-        outside = n - a[:, None]
-        fn = np.where(outside > 0, (b[None, :] - cont) / outside, 0.0)
-    has_other = np.broadcast_to(others_in > 0, cont.shape)
-    has_outside = np.broadcast_to(outside > 0, cont.shape)
-    out: Dict[str, float] = {}
-    if (cont * has_other).sum() > 0:
-        out["positive_fp_rate"] = float((cont * fp).sum() / (cont * has_other).sum())
-    if (cont * has_outside).sum() > 0:
-        out["negative_fn_rate"] = float((cont * fn).sum() / (cont * has_outside).sum())
-    return out
-
-
-def hard_negative_fn_rate(
-    features: Any,
-    pseudo: Any,
-    truth: Any,
-    fraction: float,
-    *,
-    drop_fraction: float = 0.0,
-    max_anchors: int = 512,
-    chunk_size: int = 256,
-    seed: int = 0,
-) -> Optional[float]:
-    """How often the *hardest* negatives outside an anchor's cluster share its class.
-
-    For each anchor ``a`` with a known class (at most ``max_anchors``, drawn with ``seed``), the
-    videos outside ``a``'s cluster are ranked by cosine similarity to ``a``, the most similar
-    ``floor(drop_fraction * n)`` of its ``n`` are skipped and the next ``ceil(fraction * n)``
-    kept, as ``hard_negative_mask`` keeps them for ``ClusterContrast``. The rate is the mean
-    share of kept negatives with ``a``'s class. Over a class split into several clusters, the
-    hardest negatives are its sibling clusters: this rate can be far above
-    :func:`pair_error_rates`' ``negative_fn_rate``, which counts all negatives. (The method
-    ranks its keys by projection similarity; this ranks the bank's features, the ones
-    clustered.)
-
-    Args:
-        features: ``N x D`` bank features.
-        pseudo: ``N`` cluster labels.
-        truth: ``N`` class labels, ``-1`` where unknown (left out, as anchors and negatives).
-        fraction: share of each anchor's negatives kept, in ``(0, 1]``.
-        drop_fraction: share of the very hardest skipped first, in ``[0, 1)``.
-        max_anchors: anchors scored (a random subset above this; 512 gives the rate to about
-            +-0.02), bounding the cost to ``max_anchors x N`` similarities and their top
-            ``fraction`` (about 12 s at N = 240k on 2 CPU cores).
-        chunk_size: at most this many anchors per matrix product, fewer on a large bank so
-            that a chunk's similarities stay near 2^23 entries.
-        seed: seed of the anchor subset.
-
-    Returns:
-        The rate, or ``None`` when no anchor has a known class and a negative.
-    """
-    check_negative_fractions(fraction, drop_fraction)
-    t = torch.as_tensor(np.asarray(truth)).reshape(-1).long()
-    known = t >= 0
-    x = F.normalize(torch.as_tensor(np.asarray(features)).float()[known], dim=1)
-    p = torch.as_tensor(np.asarray(pseudo)).reshape(-1).long()[known]
-    t = t[known]
-    n = t.numel()
-    anchors = torch.arange(n)
-    if n > max_anchors:
-        g = torch.Generator().manual_seed(seed)
-        anchors = torch.randperm(n, generator=g)[:max_anchors].sort().values
-    rates = []
-    step = max(1, min(chunk_size, 2**23 // max(n, 1)))
-    for lo in range(0, anchors.numel(), step):
-        a = anchors[lo : lo + step]
-        outside = p[a][:, None] != p[None, :]
-        kept = hard_negative_mask(x[a] @ x.T, outside, fraction, drop_fraction)
-        same = t[a][:, None] == t[None, :]
-        count = kept.sum(1)
-        ok = count > 0
-        rates.append((kept & same).sum(1)[ok] / count[ok])
-    rates_t = torch.cat(rates) if rates else torch.empty(0)
-    return float(rates_t.mean()) if rates_t.numel() else None
-
-
-@dataclass
-class PseudoLabelState:
-    """Pseudo-labels keyed by video identity: what ``PseudoLabels`` owns, saves and hands over.
-
-    ``labels[i]`` is the cluster of the video whose identity is ``keys[i]`` (the path relative to
-    the training root, ``VideoDataModule.train_video_ids``); ``-1`` means no label (a video not
-    clustered yet, or one that could not be decoded), which the consumers treat as a class of its
-    own. ``keys`` is ``None`` when the data module gives no identities (the labels are then by
-    position, as checkpoints before keyed labels stored them).
-
-    Attributes:
-        labels: ``N`` int64 cluster ids, ``-1`` = none.
-        keys: ``N`` video ids (str) or ``None``.
-        epoch: the epoch the labels were made at the start of (``-1``: before training).
-    """
-
-    labels: np.ndarray
-    keys: Optional[np.ndarray]
-    epoch: int
-
-    def __post_init__(self) -> None:
-        self.labels = np.asarray(self.labels, dtype=np.int64).reshape(-1)
-        if self.keys is not None:
-            self.keys = np.asarray(self.keys, dtype=np.str_).reshape(-1)
-            if self.keys.shape != self.labels.shape:
-                raise ValueError(
-                    f"{len(self.labels)} pseudo-labels for {len(self.keys)} video ids; "
-                    "pass one id per label."
-                )
-        self.epoch = int(self.epoch)
-
-    def to_dict(self) -> Dict[str, Any]:
-        """``{"labels": LongTensor N, "keys": list of N str or None, "labels_epoch": int}``."""
-        return {
-            "labels": torch.from_numpy(self.labels.copy()),
-            "keys": None if self.keys is None else [str(k) for k in self.keys],
-            "labels_epoch": self.epoch,
-        }
-
-    @classmethod
-    def from_dict(cls, state: Dict[str, Any]) -> Optional[PseudoLabelState]:
-        """Read :meth:`to_dict`'s output, or an older position-only state (``keys`` absent)."""
-        labels = state.get("labels")
-        if labels is None:
-            return None
-        epoch = state.get("labels_epoch")
-        labels = torch.as_tensor(labels).long().cpu().numpy()
-        return cls(labels, state.get("keys"), -1 if epoch is None else epoch)
-
-    def align(self, keys: Sequence[str]) -> Tuple[np.ndarray, np.ndarray, Dict[str, int]]:
-        """Map the labels onto the videos ``keys`` (the current index, in its order).
-
-        Returns ``(labels, old_to_new, counts)``: ``labels[j]`` is the saved label of video
-        ``keys[j]`` (``-1`` for a video not in the saved state), ``old_to_new[i]`` the new
-        position of saved video ``i`` (``-1`` if it is gone), ``counts`` holds ``kept``,
-        ``added`` and ``removed``. Needs :attr:`keys`.
-        """
-        if self.keys is None:
-            raise ValueError("position-only pseudo-labels cannot be mapped by video identity.")
-        new_pos = {str(k): j for j, k in enumerate(keys)}
-        old_to_new = np.array([new_pos.get(str(k), -1) for k in self.keys], dtype=np.int64)
-        labels = np.full(len(new_pos), -1, dtype=np.int64)
-        kept = old_to_new >= 0
-        labels[old_to_new[kept]] = self.labels[kept]
-        n_kept = int(kept.sum())
-        counts = {"kept": n_kept, "added": len(new_pos) - n_kept, "removed": int((~kept).sum())}
-        return labels, old_to_new, counts
 
 
 class PseudoLabels(pl.Callback):
@@ -222,10 +39,13 @@ class PseudoLabels(pl.Callback):
     training video (the data module's ``bank_dataloader()``: one centre clip, evaluation
     transform, model in eval mode), all-gathers ``(index, feature, label)`` across ranks with
     padding, drops the ``DistributedSampler``'s padding duplicates by index, clusters on rank 0
-    (``vidssl.clustering.cluster``), broadcasts the labels and calls
-    ``pl_module.set_pseudo_labels(labels)`` and ``batch_sampler.set_labels(labels)`` of the
-    training loader (``docs/concepts.md``). It does the hand-off again at every epoch start and
-    after a resume, so reloaded dataloaders and resumed runs see the same labels.
+    (``vidssl.clustering.cluster``), broadcasts the labels and hands its
+    :class:`~vidssl.pseudo_labels.PseudoLabelState` to every consumer
+    (:class:`~vidssl.pseudo_labels.PseudoLabelConsumer`): the method, if it takes labels, and
+    the training batch sampler (the data module's ``train_batch_sampler``, else the training
+    loader's ``batch_sampler``), if it does (``docs/concepts.md``). It does the hand-off again at
+    every epoch start and after a resume, so reloaded dataloaders and resumed runs see the same
+    labels.
 
     The labels live in a :class:`PseudoLabelState`, keyed by video identity (the data module's
     ``train_video_ids``: paths relative to the training root). It, the diagnostics and the
@@ -246,8 +66,10 @@ class PseudoLabels(pl.Callback):
     under ``"raise"`` the bank pass raises.
 
     Logged under ``pseudo_labels/`` each time: cluster count, size min/median/max, singletons,
-    NMI/AMI/ARI against the ground truth where known, :func:`pair_error_rates`, and for a
-    method with a ``hard_fraction`` (``ClusterContrast``) :func:`hard_negative_fn_rate`.
+    NMI/AMI/ARI against the ground truth where known, :func:`pair_error_rates`, and what the
+    method's ``pseudo_label_diagnostics`` returns, if it has that hook
+    (:class:`~vidssl.pseudo_labels.PseudoLabelDiagnostics`; ``ClusterContrast``: the
+    false-negative rate among its hardest negatives, :func:`hard_negative_fn_rate`).
 
     Three ways to get labels:
 
@@ -367,6 +189,12 @@ class PseudoLabels(pl.Callback):
         self._sampler: Any = None  # the training batch sampler labels were last handed to
         self._batches_done = 0  # training batches finished in the current epoch
         self._adapted_p: Optional[float] = None  # adaptive_p's current p_same
+        self._in_epoch_start = False  # inside on_train_epoch_start, where self.log is allowed
+
+    @property
+    def pseudo_label_state(self) -> Optional[PseudoLabelState]:
+        """The current labels (:class:`~vidssl.pseudo_labels.PseudoLabelSource`), or ``None``."""
+        return self.state
 
     @property
     def labels(self) -> Optional[torch.Tensor]:
@@ -462,7 +290,7 @@ class PseudoLabels(pl.Callback):
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "set_train_batch_sampler"):
             return
-        if getattr(dm, "_train_batch_sampler", None) is not None:
+        if getattr(dm, "train_batch_sampler", None) is not None:
             return
         from vidssl.data.cluster_sampler import ClusterBatchSampler
 
@@ -502,7 +330,11 @@ class PseudoLabels(pl.Callback):
         self._batches_done = 0
         epoch = trainer.current_epoch
         if self.is_due(epoch, pl_module) and self.labels_epoch != epoch:
-            self.recluster(trainer, pl_module, epoch=epoch)
+            self._in_epoch_start = True
+            try:
+                self.recluster(trainer, pl_module, epoch=epoch)
+            finally:
+                self._in_epoch_start = False
         self._hand_over(trainer, pl_module)
 
     def on_train_batch_end(
@@ -535,7 +367,7 @@ class PseudoLabels(pl.Callback):
                     "PseudoLabels: the checkpoint's pseudo-labels are stored by position only "
                     "(older vidssl); assuming the %d training videos are unchanged.", n,
                 )
-            self.state = PseudoLabelState(state.labels, keys, state.epoch)
+            self.state = PseudoLabelState(state.labels, keys, state.epoch, state.provenance)
             return True
         if np.array_equal(state.keys, keys):
             return True
@@ -543,7 +375,7 @@ class PseudoLabels(pl.Callback):
         remap = getattr(pl_module, "remap_video_indices", None)
         if remap is not None:
             remap(torch.from_numpy(old_to_new))
-        self.state = PseudoLabelState(labels, keys, state.epoch)
+        self.state = PseudoLabelState(labels, keys, state.epoch, state.provenance)
         self._sampler_state = None  # its epoch's draws were over the old videos
         again = counts["added"] > 0
         say(
@@ -567,7 +399,7 @@ class PseudoLabels(pl.Callback):
                 "layout, or drop oracle"
             )
         ids = getattr(dm, "train_video_ids", None)
-        self.state = PseudoLabelState(truth, ids, -1)
+        self.state = PseudoLabelState(truth, ids, -1, "ground-truth classes (oracle)")
         if trainer.is_global_zero:
             log.warning(
                 "PseudoLabels(oracle=True): training on the ground-truth classes of %d videos "
@@ -589,30 +421,26 @@ class PseudoLabels(pl.Callback):
         sampler.load_state_dict(state)
 
     def _hand_over(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        for loader in _train_loaders(trainer):
-            sampler = getattr(loader, "batch_sampler", None)
-            if sampler is not None and hasattr(sampler, "set_labels"):
-                self._sampler = sampler
+        sampler = _train_batch_sampler(trainer)
+        if isinstance(sampler, PseudoLabelConsumer):
+            self._sampler = sampler
         if self.state is None:
             return
-        labels = self.labels
-        if hasattr(pl_module, "set_pseudo_labels"):
-            pl_module.set_pseudo_labels(labels)
-        if self._sampler is not None:
-            self._sampler.set_labels(labels)
-            if self._adapted_p is not None:
-                self._sampler.p_same = self._adapted_p
+        for consumer in (pl_module, self._sampler):
+            if isinstance(consumer, PseudoLabelConsumer):
+                consumer.set_pseudo_labels(self.state)
+        if self._sampler is not None and self._adapted_p is not None:
+            self._sampler.p_same = self._adapted_p
 
     def _pretrained_encoder(self, pl_module: pl.LightningModule) -> Callable:
-        from vidssl.backbones import load_backbone_weights
-
-        backbone = copy.deepcopy(pl_module.backbone)
-        load_backbone_weights(backbone, self.initial_weights)
+        backbone = pl_module.backbone_with_weights(self.initial_weights)
 
         def encode(clips: torch.Tensor) -> torch.Tensor:
             return F.normalize(backbone(clips), dim=1)
 
         encode.module = backbone  # type: ignore[attr-defined]
+        encode.provenance = (  # type: ignore[attr-defined]
+            f"backbone features of initial_weights={self.initial_weights}")
         return encode
 
     def _encoder(self, pl_module: pl.LightningModule) -> Callable:
@@ -768,16 +596,9 @@ class PseudoLabels(pl.Callback):
                 )
             self._adapted_p = min(1.0, max(0.0, 1.0 - float(metrics["nmi"])))
             metrics["p_same"] = self._adapted_p
-        # A method that keeps only its hardest negatives (ClusterContrast) is hurt by the false
-        # ones among them, which the rate over all negatives hides.
-        hard = getattr(pl_module, "hard_fraction", None)
-        if hard is not None and (truth_ok >= 0).any():
-            drop = float(getattr(pl_module, "drop_fraction", 0.0))
-            rate = hard_negative_fn_rate(
-                feats_np, clustered, truth_ok, float(hard), drop_fraction=drop
-            )
-            if rate is not None:
-                metrics["hard_negative_fn_rate"] = rate
+        # The method's own measure of label quality, if it offers one.
+        if isinstance(pl_module, PseudoLabelDiagnostics):
+            metrics.update(pl_module.pseudo_label_diagnostics(feats_np, clustered, truth_ok))
         metrics.update({"epoch": epoch, "bank_rows": int(all_idx.numel()), "bank_size": n})
         metrics["unreadable"] = int(unreadable.size)
         metrics["method"] = self.setting("method", pl_module)
@@ -785,7 +606,9 @@ class PseudoLabels(pl.Callback):
         metrics["cluster_seconds"] = diag.get("cluster_seconds", 0.0)
         metrics["clustering"] = diag
         ids = getattr(getattr(trainer, "datamodule", None), "train_video_ids", None)
-        self.state = PseudoLabelState(labels.numpy(), ids, epoch)
+        provenance = getattr(encoder, "provenance", None) or (
+            f"{self.setting('features', pl_module)} features of the model being trained")
+        self.state = PseudoLabelState(labels.numpy(), ids, epoch, provenance)
         self.diagnostics = metrics
         self.history.append({k: v for k, v in metrics.items() if _is_number(v)})
         self._log(pl_module, metrics)
@@ -812,14 +635,14 @@ class PseudoLabels(pl.Callback):
         }
         if not values:
             return
-        try:
+        if self._in_epoch_start:
             for k, v in values.items():
                 # Equal on every rank: the sync (a mean) changes nothing but Lightning's warning.
                 pl_module.log(k, v, on_step=False, on_epoch=True, sync_dist=True)
-        except Exception:  # noqa: BLE001 - outside a loop Lightning refuses self.log
-            logger = getattr(pl_module, "logger", None)
-            if logger is not None and pl_module.trainer.is_global_zero:
-                logger.log_metrics(values, step=pl_module.trainer.global_step)
+        else:  # on_train_start, or a direct call: Lightning's self.log is not allowed there
+            trainer = pl_module.trainer
+            if trainer.logger is not None and trainer.is_global_zero:
+                trainer.logger.log_metrics(values, step=trainer.global_step)
         log.info("PseudoLabels epoch %s: %s", metrics.get("epoch"), {k: values[k] for k in values})
 
 
@@ -827,18 +650,18 @@ def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
 
-def _train_loaders(trainer: pl.Trainer) -> List[Any]:
-    loaders = getattr(getattr(trainer, "fit_loop", None), "_combined_loader", None)
-    if loaders is not None:
-        return list(loaders.flattened)
+def _train_batch_sampler(trainer: pl.Trainer) -> Any:
+    """Return the training batch sampler, found through public attributes only.
+
+    The data module's ``train_batch_sampler`` (``VideoDataModule``), else the ``batch_sampler``
+    of the trainer's training loader (``trainer.train_dataloader``, a single loader), else
+    ``None``.
+    """
+    sampler = getattr(getattr(trainer, "datamodule", None), "train_batch_sampler", None)
+    if sampler is not None:
+        return sampler
     loader = getattr(trainer, "train_dataloader", None)
-    if loader is None:
-        return []
-    if isinstance(loader, (list, tuple)):
-        return list(loader)
-    if isinstance(loader, dict):
-        return list(loader.values())
-    return [loader]
+    return getattr(loader, "batch_sampler", None)
 
 
 def _num_videos(trainer: pl.Trainer, gathered_index: torch.Tensor) -> int:

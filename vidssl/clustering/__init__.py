@@ -14,6 +14,7 @@ from vidssl.clustering.metrics import (
     clustering_metrics,
     homogeneity,
     normalized_mutual_info,
+    pair_error_rates,
 )
 from vidssl.clustering.neighbours import first_neighbour_recall, first_neighbours
 
@@ -35,4 +36,5 @@ __all__ = [
     "kmeans",
     "merge_to_count",
     "normalized_mutual_info",
+    "pair_error_rates",
 ]

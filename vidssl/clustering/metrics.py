@@ -156,3 +156,62 @@ def clustering_metrics(
     if ami:
         out["ami"] = adjusted_mutual_info(tru, lab)
     return out
+
+
+def pair_error_rates(pseudo: Any, truth: Any) -> Dict[str, float]:
+    """How often cluster positives and negatives are wrong with respect to the ground truth.
+
+    Averaged over anchors ``a`` with a known class (``truth >= 0``; unknown ones are left out):
+
+    - ``positive_fp_rate``: the share of the *other* members of ``a``'s cluster whose class
+      differs from ``a``'s, over anchors whose cluster has another member. It is the chance
+      that a positive drawn from the cluster (as ``ClusterBatchSampler`` draws them) is false.
+    - ``negative_fn_rate``: the share of the videos outside ``a``'s cluster that have ``a``'s
+      class: the chance that a negative drawn outside the cluster is a false negative.
+
+    These are vidssl's measures: SLIC's official code (rvl-lab-utoronto/video_similarity_search
+    at commit 4004682, ``online_train.py``) logs only NMI and AMI against the true labels at each
+    re-clustering, no false-positive or false-negative rates. Computed from the contingency table
+    in float64, ``O(N + K C)``.
+
+    Args:
+        pseudo: ``N`` cluster labels (any integers).
+        truth: ``N`` class labels, ``-1`` where unknown.
+    """
+    p = _as_array(pseudo)
+    t = _as_array(truth)
+    if p.shape != t.shape:
+        raise ValueError(f"pseudo ({p.shape[0]}) and truth ({t.shape[0]}) differ in length.")
+    known = t >= 0
+    p, t = p[known], t[known]
+    n = p.shape[0]
+    if n == 0:
+        return {}
+    _, pi = np.unique(p, return_inverse=True)
+    _, ti = np.unique(t, return_inverse=True)
+    cont = np.zeros((pi.max() + 1, ti.max() + 1), dtype=np.float64)
+    np.add.at(cont, (pi, ti), 1.0)
+    a = cont.sum(axis=1)  # cluster sizes
+    b = cont.sum(axis=0)  # class sizes
+    # Anchors in cell (cluster j, class i) count n_ji each.
+    others_in = a[:, None] - 1.0  # other members of the anchor's cluster
+    wrong_in = a[:, None] - cont  # of those, other classes
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fp = np.where(others_in > 0, wrong_in / others_in, 0.0)
+        outside = n - a[:, None]
+        fn = np.where(outside > 0, (b[None, :] - cont) / outside, 0.0)
+    has_other = np.broadcast_to(others_in > 0, cont.shape)
+    has_outside = np.broadcast_to(outside > 0, cont.shape)
+    out: Dict[str, float] = {}
+    if (cont * has_other).sum() > 0:
+        out["positive_fp_rate"] = float((cont * fp).sum() / (cont * has_other).sum())
+    if (cont * has_outside).sum() > 0:
+        out["negative_fn_rate"] = float((cont * fn).sum() / (cont * has_outside).sum())
+    return out
+
+
+def _as_array(x: Any) -> np.ndarray:
+    """Return ``x`` (a numpy array, a list, or a torch tensor on any device) flat in numpy."""
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch here
+        x = x.detach().cpu().numpy()
+    return np.asarray(x).reshape(-1)

@@ -1,12 +1,13 @@
 """Cluster-aware batch sampler: pairs each anchor video with a positive from its pseudo-class.
 
 It runs in the main process and yields lists of ``(anchor, positive)`` dataset indices, the pair
-sampling of ``docs/concepts.md``; the ``PseudoLabels`` callback feeds it labels via ``set_labels``.
+sampling of ``docs/concepts.md``; the ``PseudoLabels`` callback hands it labels
+(``set_pseudo_labels``, the ``vidssl.pseudo_labels.PseudoLabelConsumer`` hook).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -122,6 +123,10 @@ class ClusterBatchSampler(Sampler[List[Pair]]):
     def labels(self) -> Optional[torch.Tensor]:
         """The pseudo-labels used from the next iteration on (``LongTensor N``), or ``None``."""
         return None if self._labels is None else torch.from_numpy(self._labels.copy())
+
+    def set_pseudo_labels(self, state: Any) -> None:
+        """Take a ``PseudoLabelState`` (the ``PseudoLabelConsumer`` hook): :meth:`set_labels`."""
+        self.set_labels(getattr(state, "labels", state))
 
     def set_labels(self, labels: Optional[torch.Tensor | np.ndarray | Sequence[int]]) -> None:
         """Use ``labels`` (``N`` ints, -1 = none) from the next ``__iter__`` on; ``None`` clears."""

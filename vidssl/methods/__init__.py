@@ -1,6 +1,12 @@
 """Self-supervised methods: the ``VideoSSLMethod`` base and one LightningModule per method."""
 
-from vidssl.methods.base import ConfigError, VideoSSLMethod, ema_update, momentum_copy
+from vidssl.methods.base import (
+    ConfigError,
+    UsesPseudoLabels,
+    VideoSSLMethod,
+    ema_update,
+    momentum_copy,
+)
 from vidssl.methods.heads import ProjectionHead
 from vidssl.methods.moco import MoCo
 from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
@@ -12,6 +18,7 @@ __all__ = [
     "MoCo",
     "ProjectionHead",
     "SimCLR",
+    "UsesPseudoLabels",
     "VideoSSLMethod",
     "cosine_momentum",
     "ema_update",

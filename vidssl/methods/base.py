@@ -21,6 +21,7 @@ from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
 
 __all__ = [
     "ConfigError",
+    "UsesPseudoLabels",
     "VideoSSLMethod",
     "ema_update",
     "log_decode_failures",
@@ -86,6 +87,32 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
             "build the target with momentum_copy(online)"
         )
     torch._foreach_lerp_(t, o, 1.0 - momentum)
+
+
+class UsesPseudoLabels:
+    """Mixin of the methods whose loss reads pseudo-labels (the consumer side of the contract).
+
+    It implements :class:`~vidssl.pseudo_labels.PseudoLabelConsumer`: the labeller (the
+    ``PseudoLabels`` callback) calls :meth:`set_pseudo_labels` with a
+    :class:`~vidssl.pseudo_labels.PseudoLabelState`, and the loss reads ``self.pseudo_labels``
+    (``LongTensor N`` on the method's device, ``-1`` = none; ``None`` before the first labels:
+    every video is then its own class). The buffer is not saved with the model: the labeller's
+    state is the source of truth after a resume. Subclasses call :meth:`init_pseudo_labels` in
+    their ``__init__`` and may set ``pseudo_label_defaults`` (the callback's defaults for them).
+    Methods that do not use labels carry nothing for them.
+    """
+
+    pseudo_label_defaults: Dict[str, Any] = {}
+
+    def init_pseudo_labels(self) -> None:
+        """Register the (unsaved) ``pseudo_labels`` buffer, empty until the first hand-over."""
+        self.register_buffer("pseudo_labels", None, persistent=False)  # type: ignore[attr-defined]
+
+    def set_pseudo_labels(self, state: Any) -> None:
+        """Take ``state`` (a ``PseudoLabelState``, or ``N`` ints) as ``self.pseudo_labels``."""
+        from vidssl.pseudo_labels import labels_of
+
+        self.pseudo_labels = labels_of(state).to(self.device)  # type: ignore[attr-defined]
 
 
 class VideoSSLMethod(pl.LightningModule):
@@ -211,9 +238,6 @@ class VideoSSLMethod(pl.LightningModule):
         self.ema_momentum = ema_momentum
         self.ema_momentum_end = ema_momentum_end
         self.ema_schedule = ema_schedule
-        # Set by the PseudoLabels callback (docs/concepts.md); not saved with the model, the
-        # callback's own state is the source of truth after a resume.
-        self.register_buffer("pseudo_labels", None, persistent=False)
         self._batch_checked = False
         self._last_ema_step = 0
 
@@ -285,9 +309,18 @@ class VideoSSLMethod(pl.LightningModule):
             f"{type(self).__name__} has no motion encoder; evaluate it with features='rgb'"
         )
 
-    def set_pseudo_labels(self, labels: torch.Tensor) -> None:
-        """Store pseudo-labels (``LongTensor N``, -1 = none) as ``self.pseudo_labels``."""
-        self.pseudo_labels = torch.as_tensor(labels, dtype=torch.long).to(self.device)
+    def backbone_with_weights(self, weights: str) -> nn.Module:
+        """Return a copy of this method's backbone loaded with ``weights`` (this one unchanged).
+
+        What a labeller uses to embed with a pre-trained network of the same architecture
+        (``PseudoLabels(initial_weights=...)``); ``weights`` is any file
+        ``vidssl.backbones.load_backbone_weights`` reads.
+        """
+        from vidssl.backbones import load_backbone_weights
+
+        backbone = copy.deepcopy(self.backbone)
+        load_backbone_weights(backbone, weights)
+        return backbone
 
     # ----------------------------------------------------------------- batch checks
     def check_batch(self, batch: Dict[str, Any]) -> None:

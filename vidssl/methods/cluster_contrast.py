@@ -8,11 +8,18 @@ from __future__ import annotations
 
 from typing import Any, Dict, Optional, Union
 
+import numpy as np
 import torch
 from torch import nn
 
 from vidssl import distributed as vdist
-from vidssl.losses.mining import cluster_contrastive_loss, hard_negative_mask, labels_or_instances
+from vidssl.losses.mining import (
+    cluster_contrastive_loss,
+    hard_negative_fn_rate,
+    hard_negative_mask,
+    labels_or_instances,
+)
+from vidssl.methods.base import UsesPseudoLabels
 from vidssl.methods.moco import MomentumKeys
 from vidssl.methods.queue import KeyQueue
 
@@ -22,7 +29,7 @@ __all__ = ["ClusterContrast"]
 POSITIVES = ("cluster", "sampled")
 
 
-class ClusterContrast(MomentumKeys):
+class ClusterContrast(UsesPseudoLabels, MomentumKeys):
     """Contrastive learning whose positives are the anchor's pseudo-class (cluster-guided).
 
     Queries are the online projections of view 0 (the anchor). Keys come from the momentum
@@ -147,6 +154,7 @@ class ClusterContrast(MomentumKeys):
             ema_momentum=ema_momentum,
             ema_schedule="constant",
         )
+        self.init_pseudo_labels()
         self.positives = positives
         self.hard_fraction = hard_fraction
         self.drop_fraction = drop_fraction
@@ -156,6 +164,22 @@ class ClusterContrast(MomentumKeys):
         self.key_queue = (
             KeyQueue(queue_size, proj_output_dim, whole_batches=False) if queue_size > 0 else None
         )
+
+    def pseudo_label_diagnostics(
+        self, features: np.ndarray, labels: np.ndarray, truth: np.ndarray
+    ) -> Dict[str, float]:
+        """Return the false-negative rate among the negatives this method keeps (the hardest).
+
+        :func:`~vidssl.losses.mining.hard_negative_fn_rate` with this method's
+        ``hard_fraction`` and ``drop_fraction``: a method that keeps only its hardest negatives
+        is hurt by the false ones among them, which the rate over all negatives hides. Empty
+        when no video has a known class. (The ``PseudoLabelDiagnostics`` hook.)
+        """
+        if not (np.asarray(truth) >= 0).any():
+            return {}
+        rate = hard_negative_fn_rate(features, labels, truth, self.hard_fraction,
+                                     drop_fraction=self.drop_fraction)
+        return {} if rate is None else {"hard_negative_fn_rate": rate}
 
     def compute_loss(self, batch: Dict[str, Any]) -> Dict[str, torch.Tensor]:
         """Pseudo-class positives against the hardest other-class keys (batch + queue)."""

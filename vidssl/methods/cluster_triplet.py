@@ -18,14 +18,14 @@ from vidssl.losses.mining import (
     labels_or_instances,
     temporal_discrimination_loss,
 )
-from vidssl.methods.base import ConfigError, VideoSSLMethod
+from vidssl.methods.base import ConfigError, UsesPseudoLabels, VideoSSLMethod
 
 __all__ = ["ClusterTriplet"]
 
 _SLIC = "github.com/rvl-lab-utoronto/video_similarity_search"
 
 
-class ClusterTriplet(VideoSSLMethod):
+class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
     """SLIC: triplets from iterative clustering plus temporal discrimination.
 
     Khorasgani et al., CVPR 2022, "SLIC: Self-Supervised Learning with Iterative Clustering for
@@ -181,6 +181,7 @@ class ClusterTriplet(VideoSSLMethod):
             lr_schedule=lr_schedule,
             min_lr_ratio=min_lr_ratio,
         )
+        self.init_pseudo_labels()
         if margin < 0 or temporal_margin < 0 or temporal_weight < 0:
             raise ValueError(
                 "margin, temporal_margin and temporal_weight must be >= 0, got "
