@@ -257,38 +257,40 @@ class VideoDataset(Dataset):
     # -- sampling ----------------------------------------------------------------------------
 
     def _read(
-        self, i: int, clips: list[np.ndarray], positions: Sequence[int], motion: dict
+        self,
+        i: int,
+        clips: list[np.ndarray],
+        positions: Sequence[int] = (),
+        motion: dict | None = None,
     ) -> list[torch.Tensor]:
         """Decode ``clips`` (index arrays) of video ``i`` in one decoder pass.
 
         ``positions`` are the clips' view positions; the motion field of each position that needs
-        one is put in ``motion``. Any failure is raised as :class:`_VideoError` naming ``i``, so
-        that a pair whose positive is broken is reported under the positive's path, not the
-        anchor's.
+        one is put in ``motion`` (when given). Any failure is raised as :class:`_VideoError`
+        naming ``i``, so that a pair whose positive is broken is reported under the positive's
+        path, not the anchor's.
         """
         decoder, _ = self._state()
         w, h = int(self.index.width[i]), int(self.index.height[i])
         size = resized_size(w, h, self.short_side) if w and h else None
+        wanted = []
+        if motion is not None and self.motion in ("flow", "mv"):
+            wanted = [k for k, p in enumerate(positions) if self._needs_motion(p)]
         try:
             frames = decoder.read(
                 str(self.index.paths[i]), np.concatenate(clips), size, bool(self.index.exact[i])
             )
-            wanted = [k for k, p in enumerate(positions) if self._needs_motion(p)]
-            if wanted and self.motion in ("flow", "mv"):
+            if wanted:
                 # The field of exactly these frames, at the size they were decoded at.
                 idx = np.concatenate([clips[k] for k in wanted])
                 codes = self._read_motion(i, idx, (frames.shape[2], frames.shape[1]))
-                start = 0
-                for k in wanted:
-                    motion[positions[k]] = torch.from_numpy(codes[start : start + len(clips[k])])
-                    start += len(clips[k])
+                ends = np.cumsum([len(clips[k]) for k in wanted])
+                for k, end in zip(wanted, ends):
+                    motion[positions[k]] = torch.from_numpy(codes[end - len(clips[k]) : end])
         except Exception as exc:  # noqa: BLE001 - any decoder error goes through the policy
             raise _VideoError(i, exc) from exc
-        out, pos = [], 0
-        for c in clips:
-            out.append(torch.from_numpy(frames[pos : pos + len(c)]))
-            pos += len(c)
-        return out
+        ends = np.cumsum([len(c) for c in clips])
+        return [torch.from_numpy(frames[end - len(c) : end]) for c, end in zip(clips, ends)]
 
     def _needs_motion(self, position: int) -> bool:
         if self.mode == "eval":
