@@ -159,7 +159,8 @@ def bench_views(src: Path, flow_dir: Path, args) -> dict[str, dict[str, float]]:
     augment_s: dict[str, list[float]] = {}
     clips = args.batches * args.batch_size * 2  # two views a sample
     for r in range(args.repeats + 1):  # the first pass warms up (imports, kornia, caches)
-        for motion, dm in modules.items():  # interleaved against the load of other jobs
+        order = list(modules.items())
+        for motion, dm in order[r % 4:] + order[: r % 4]:  # interleaved, rotated: load drifts
             torch.manual_seed(0)
             t = time.perf_counter()
             batches = list(dm.train_dataloader())
