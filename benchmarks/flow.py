@@ -8,10 +8,14 @@ Prints, each measured side by side in one run:
    video; then ``flow_dataset`` with ``--workers`` processes over all videos;
 2. per-clip cost of reading stored flow (``read_flow``, memory-mapped) and of extracting
    compressed-stream motion vectors (``read_motion_vectors``) against decoding the RGB frames
-   of the same clips at the same size (decord, and PyAV sequentially like the MV path).
+   of the same clips at the same size (decord, and PyAV sequentially like the MV path);
+3. time per clip of training batches of ``VideoDataModule`` with each motion view (``flow``,
+   ``mv``, ``diff``) against RGB only, the same module and settings otherwise: the loader
+   (decode, motion read, collate) and the augmentation of one batch (on this CPU), interleaved.
 
     .venv/bin/python benchmarks/flow.py            # 4 synthetic 320x240 videos of 48 frames
     .venv/bin/python benchmarks/flow.py --quick    # smaller counts
+    .venv/bin/python benchmarks/flow.py --only views   # section 3 alone (DIS flow for it)
 """
 
 from __future__ import annotations
@@ -130,6 +134,47 @@ def bench_clips(paths, src: Path, flow_dir: Path, args):
     return {k: float(np.median(v)) for k, v in times.items()}
 
 
+def bench_views(src: Path, flow_dir: Path, args) -> dict[str, dict[str, float]]:
+    """Seconds per clip of VideoDataModule training batches per motion view: loader, augment."""
+    import torch
+
+    from vidssl.data import VideoDataModule
+
+    modules = {}
+    for motion in ("none", "flow", "mv", "diff"):
+        dm = VideoDataModule(
+            train=str(src), format="folder", clip_len=args.clip_len, stride=args.stride,
+            short_side=args.short_side, crop_size=112, batch_size=args.batch_size,
+            num_workers=args.loader_workers, motion=motion, flow_dir=str(flow_dir),
+            pin_memory=False, cache_dir=str(src / ".cache"),
+        )
+        dm.setup()
+        # The same videos in every module: args.batches batches drawn at random.
+        rng = np.random.default_rng(2)
+        n = len(dm.train_dataset)
+        dm.set_train_batch_sampler(
+            [rng.integers(n, size=args.batch_size).tolist() for _ in range(args.batches)])
+        modules[motion] = dm
+    loader_s: dict[str, list[float]] = {}
+    augment_s: dict[str, list[float]] = {}
+    clips = args.batches * args.batch_size * 2  # two views a sample
+    for r in range(args.repeats + 1):  # the first pass warms up (imports, kornia, caches)
+        order = list(modules.items())
+        for motion, dm in order[r % 4:] + order[: r % 4]:  # interleaved, rotated: load drifts
+            torch.manual_seed(0)
+            t = time.perf_counter()
+            batches = list(dm.train_dataloader())
+            loaded = time.perf_counter()
+            assert len(batches) == args.batches
+            dm.augment(batches[0], train=True)  # one batch: the CPU is not the device
+            if r:
+                loader_s.setdefault(motion, []).append((loaded - t) / clips)
+                augment_s.setdefault(motion, []).append(
+                    (time.perf_counter() - loaded) / (args.batch_size * 2))
+    return {m: {"loader": float(np.median(loader_s[m])), "augment": float(np.median(augment_s[m]))}
+            for m in modules}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--videos", type=int, default=4)
@@ -140,10 +185,15 @@ def main() -> None:
     p.add_argument("--clip-len", type=int, default=16)
     p.add_argument("--stride", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch-size", type=int, default=8, help="section 3 batch size")
+    p.add_argument("--batches", type=int, default=5, help="section 3 batches per measurement")
+    p.add_argument("--loader-workers", type=int, default=0,
+                   help="section 3 DataLoader workers (0: all in this process)")
+    p.add_argument("--only", choices=["views"], help="run section 3 only")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
-        args.videos, args.frames, args.clips, args.repeats = 2, 24, 10, 1
+        args.videos, args.frames, args.clips, args.repeats, args.batches = 2, 24, 10, 1, 2
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, load average "
           f"{os.getloadavg()[0]:.1f}; {args.videos} synthetic 320x240 MPEG-4 videos of "
           f"{args.frames} frames; short side {args.short_side}")
@@ -151,6 +201,12 @@ def main() -> None:
         src = Path(tmp) / "src"
         src.mkdir()
         paths = make_videos(src, args.videos, args.frames)
+        if args.only == "views":
+            flow_dir = Path(tmp) / "flow"
+            flow_dataset(src, flow_dir, method="dis", short_side=args.short_side, progress=False)
+            _print_views(bench_views(src, flow_dir, args), args)
+            print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+            return
         print("\n1. flow computation, frames/s (the plain loop has the frames decoded already)")
         print(f"{'method':<8} {'plain cv2':>10} {'vidssl w=1':>11} {'ratio':>6} "
               f"{'vidssl w=' + str(args.workers):>11} {'ratio':>6}")
@@ -165,12 +221,25 @@ def main() -> None:
             else:
                 shutil.rmtree(keep)
         t = bench_clips(paths, src, flow_dir, args)
-        shutil.rmtree(flow_dir)
         print(f"\n2. per clip of {args.clip_len} frames (stride {args.stride}), ms; ratio to "
               "RGB decode with decord")
         for name in ("rgb_decord", "rgb_pyav", "flow", "mvs"):
             print(f"{name:<12} {1000 * t[name]:>8.2f} ms {t[name] / t['rgb_decord']:>6.2f}x")
+        _print_views(bench_views(src, flow_dir, args), args)
+        shutil.rmtree(flow_dir)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
+
+
+def _print_views(times: dict[str, dict[str, float]], args) -> None:
+    print(f"\n3. VideoDataModule training batches ({args.batch_size} x 2 views of "
+          f"{args.clip_len} frames, {args.loader_workers} loader workers): ms per clip of the "
+          "loader (decode, motion, collate) and of the augmentation on this CPU (crop 112); "
+          "ratio to RGB only")
+    print(f"{'motion':<8} {'loader':>8} {'ratio':>6} {'augment':>8} {'ratio':>6}")
+    base = times["none"]
+    for motion, t in times.items():
+        print(f"{motion:<8} {1000 * t['loader']:>8.2f} {t['loader'] / base['loader']:>6.2f} "
+              f"{1000 * t['augment']:>8.2f} {t['augment'] / base['augment']:>6.2f}")
 
 
 if __name__ == "__main__":

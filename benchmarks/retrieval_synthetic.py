@@ -89,6 +89,18 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         method = ClusterTriplet(**_optim(args), **_backbone(args))
         labels = _pseudo_labels(args, start_epoch)
         return method, [labels], {"views": list(method.views)}
+    if name.startswith("slic_"):
+        # SLIC's multi-view (ClusterTriplet motion_prob, official 0.25): the positive and the
+        # re-augmented anchor each replaced by their motion field, x copied to 3 channels.
+        source = name.split("_", 1)[1]
+        method = ClusterTriplet(motion_prob=args.motion_prob, motion_input=args.motion_input,
+                                **_optim(args), **_backbone(args))  # fmt: skip
+        labels = _pseudo_labels(args, start_epoch)
+        dm_kw = {"views": list(method.views), "motion": source,
+                 "motion_views": list(method.motion_views)}
+        if source == "flow":
+            dm_kw["flow_dir"] = args.flow_dir
+        return method, [labels], dm_kw
     if name == "cluster_contrast":
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
@@ -110,7 +122,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
                                 **clustering)  # fmt: skip
         return method, [labels], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, simclr_cvrl, simclr_videosimclr, "
-                     "moco, slic, cluster_contrast, "
+                     "moco, slic, slic_flow, slic_mv, slic_diff, cluster_contrast, "
                      "or A+B (A for --start-epoch epochs, then B from its backbone)")
 
 
@@ -168,6 +180,13 @@ def main() -> None:
     ap.add_argument("--shift", type=int, default=8,
                     help="simclr_videosimclr: largest shift of each view from the source clip")
     ap.add_argument("--p-same", type=float, default=0.2, help="same-video positive probability")
+    ap.add_argument("--motion-prob", type=float, default=0.25,
+                    help="slic_flow / slic_mv / slic_diff: share of positives (and, drawn "
+                    "apart, re-augmented anchors) replaced by motion (SLIC: 0.25)")
+    ap.add_argument("--motion-input", choices=("x3", "xy"), default="x3",
+                    help="slic_*: motion through the RGB stem (x3, SLIC's) or its own stem (xy)")
+    ap.add_argument("--flow-method", default="dis",
+                    help="slic_flow: how `vidssl flow` computes the flow (tvl1, dis, farneback)")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
                     help="adamw (lr --lr, cosine) for every method, or sgd: each its own default")
     ap.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
@@ -204,6 +223,15 @@ def main() -> None:
                                 videos_per_class=args.videos_per_class,
                                 num_frames=args.frames, seed=args.data_seed, width=args.size,
                                 height=args.size, appearance=args.appearance)  # fmt: skip
+    args.flow_dir = os.path.join(root, f"flow_{args.flow_method}")
+    if any(m.split("+")[-1] == "slic_flow" for m in args.methods):
+        from vidssl.data.flow import flow_dataset
+
+        t0 = time.perf_counter()
+        flow_dataset(os.path.join(root, "UCF-101"), args.flow_dir, method=args.flow_method,
+                     short_side=args.crop, progress=False)  # fmt: skip
+        print(f"flow ({args.flow_method}) of the collection: {time.perf_counter() - t0:.1f} s "
+              "(kept for later runs)", flush=True)
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, no GPU used; torch "
           f"{torch.__version__}; load average {os.getloadavg()}")  # fmt: skip
     print(f"collection: {args.classes} motion classes x {args.videos_per_class} videos of "

@@ -55,7 +55,8 @@ def _lightning_cli_class() -> type:
     class _VidsslCLI(LightningCLI):
         """``LightningCLI`` with vidssl's links and start-up checks.
 
-        - ``data.views`` follows the method's ``views`` (what its loss reads, set by the method).
+        - ``data.views`` follows the method's ``views`` (what its loss reads, set by the method),
+          and ``data.motion_views`` its ``motion_views`` (every view when it has none).
         - Errors building the model or the data module (unknown backbone, missing data folder)
           and the methods' start-up checks (``ConfigError``: a MoCo queue that does not fit the
           batches) are reported as one line.
@@ -67,6 +68,10 @@ def _lightning_cli_class() -> type:
             # the config names, after its arguments (ClusterTriplet's temporal_weight) are set.
             parser.link_arguments(
                 "model", "data.init_args.views", compute_fn=_views, apply_on="instantiate"
+            )
+            parser.link_arguments(
+                "model", "data.init_args.motion_views", compute_fn=_motion_views,
+                apply_on="instantiate",
             )
 
         def instantiate_classes(self) -> None:
@@ -147,6 +152,16 @@ def _views(model: Any) -> List[str]:
     if views is None:
         views = ("anchor",) + ("positive",) * (int(getattr(model, "num_views", 2)) - 1)
     return list(views)
+
+
+def _motion_views(model: Any) -> Optional[List[int]]:
+    """Return the view positions ``model`` reads motion for, or ``None`` (every view).
+
+    ``None`` when the model declares no ``motion_views``: a method written before motion views
+    existed gets a motion field in every view when ``data.motion`` is set.
+    """
+    positions = getattr(model, "motion_views", None)
+    return None if positions is None else [int(p) for p in positions]
 
 
 def _resolve_last_checkpoint(trainer: Any) -> str:

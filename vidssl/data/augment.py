@@ -1,7 +1,8 @@
 """Spatial augmentation of uint8 clips on the training device, with kornia.
 
 One random draw per clip shared by all its frames, independent across clips and views; presets
-with their sources; an evaluation transform (resize, centre crop, normalise).
+with their sources; an evaluation transform (resize, centre crop, normalise). A clip's motion
+field goes through the same crop and flip as its RGB frames (docs/motion.md).
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ __all__ = [
     "VideoAugmentation",
     "EvalTransform",
     "build_augmentation",
+    "frame_difference",
+    "motion_to_float",
     "to_float_clips",
 ]
 
@@ -34,6 +37,47 @@ def to_float_clips(clips: torch.Tensor) -> torch.Tensor:
             f"Expected uint8 clips B x T x H x W x C, got {clips.dtype} {tuple(clips.shape)}."
         )
     return clips.permute(0, 1, 4, 2, 3).float().div_(255.0)
+
+
+def motion_to_float(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 motion codes ``B x T x H x W x 2`` -> float ``B x T x 2 x H x W`` in ``[-1, 1]``.
+
+    The codes are those of :func:`vidssl.data.flow.quantize_flow` (bound ``B = 20`` px/frame):
+    the result is the displacement in pixels per frame divided by ``B``, ``q * 2 / 255 - 1``.
+    """
+    if codes.dtype != torch.uint8 or codes.dim() != 5 or codes.shape[-1] != 2:
+        raise ValueError(
+            f"Expected uint8 motion codes B x T x H x W x 2, got {codes.dtype} "
+            f"{tuple(codes.shape)}."
+        )
+    return codes.permute(0, 1, 4, 2, 3).float().mul_(2.0 / 255.0).sub_(1.0)
+
+
+def frame_difference(x: torch.Tensor) -> torch.Tensor:
+    """RGB difference of consecutive frames (TSN's "RGB diff"): float ``B x C x T x H x W``.
+
+    ``x`` is float ``B x T x C x H x W`` in ``[0, 1]`` (before normalisation); frame ``t`` of the
+    result is ``x[t + 1] - x[t]``, the last frame repeats the one before (a one-frame clip gives
+    zeros), so values lie in ``[-1, 1]``, aligned like stored flow (``t -> t + 1``).
+    """
+    d = torch.zeros_like(x)
+    if x.shape[1] > 1:
+        d[:, :-1] = x[:, 1:] - x[:, :-1]
+        d[:, -1] = d[:, -2]
+    return d.transpose(1, 2).contiguous()
+
+
+def _scale_vectors(field: torch.Tensor, sx: torch.Tensor, sy: torch.Tensor) -> torch.Tensor:
+    """Multiply x / y of float ``B x T x 2 x H x W`` by per-frame ``B x T`` factors; -> BMTHW."""
+    field[:, :, 0] *= sx[..., None, None]
+    field[:, :, 1] *= sy[..., None, None]
+    return field.transpose(1, 2).contiguous()
+
+
+def _check_field(clips: torch.Tensor, field: torch.Tensor | None) -> None:
+    if field is not None and field.shape[:4] != clips.shape[:4]:
+        raise ValueError(f"motion field {tuple(field.shape)} does not match its clips "
+                         f"{tuple(clips.shape)}: B x T x H x W must agree.")
 
 
 class _Normalise(nn.Module):
@@ -112,14 +156,56 @@ class VideoAugmentation(nn.Module):
         self.cpu_chunk = cpu_chunk
         self.spatial = K.VideoSequential(*ops, data_format="BTCHW", same_on_frame=True)
         self.normalise = _Normalise(mean, std)
+        # The ops a motion field shares with its RGB clip: the geometric ones (crop, flip).
+        geometric = ops[: 1 + (flip_p > 0)]
+        self._geometric = [f"{type(op).__name__}_{k}" for k, op in enumerate(geometric)]
+
+    def _chunks(self, clips: torch.Tensor) -> int:
+        on_cpu = clips.device.type == "cpu"
+        return self.cpu_chunk if on_cpu and 0 < self.cpu_chunk < len(clips) else 0
 
     @torch.no_grad()
     def forward(self, clips: torch.Tensor) -> torch.Tensor:
         """Augment uint8 ``B x T x H x W x C`` clips into float ``B x C x T x H x W``."""
-        if clips.device.type == "cpu" and 0 < self.cpu_chunk < len(clips):
+        if self._chunks(clips):
             return torch.cat([self(c) for c in clips.split(self.cpu_chunk)])
         x = self.spatial(to_float_clips(clips))
         return self.normalise(x.clamp_(0.0, 1.0))
+
+    @torch.no_grad()
+    def forward_with_motion(
+        self, clips: torch.Tensor, field: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augment clips and their motion with ONE random draw per clip: ``(rgb, motion)``.
+
+        ``rgb`` is what :meth:`forward` returns. ``field`` (uint8 codes ``B x T x H x W x 2``, see
+        :func:`motion_to_float`) gets the clip's own resized crop and horizontal flip, not the
+        colour ops; a flip negates x, and the vectors are scaled by the crop's resize factors, so
+        ``motion`` (float ``B x 2 x T x S x S``) is in output pixels per frame / 20. With
+        ``field=None``, ``motion`` is the :func:`frame_difference` of the augmented clip before
+        normalisation (``B x 3 x T x S x S``).
+        """
+        _check_field(clips, field)
+        if self._chunks(clips):
+            n = self.cpu_chunk
+            fields = field.split(n) if field is not None else [None] * -(-len(clips) // n)
+            parts = [self.forward_with_motion(c, f) for c, f in zip(clips.split(n), fields)]
+            return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        x = self.spatial(to_float_clips(clips)).clamp_(0.0, 1.0)
+        if field is None:
+            return self.normalise(x), frame_difference(x)
+        params = [p for p in self.spatial._params if p.name in self._geometric]
+        moved = self.spatial(motion_to_float(field), params=params)
+        b, t = field.shape[:2]
+        # Corners (x, y) of each crop box, B*T x 4. kornia resizes them with aligned corners:
+        # pixel centres from the first to the last column map onto 0 .. S - 1.
+        src = params[0].data["src"].to(moved.device)
+        out = max(self.crop_size - 1, 1)
+        sx = out / (src[:, 1, 0] - src[:, 0, 0]).clamp(min=1)
+        sy = out / (src[:, 2, 1] - src[:, 1, 1]).clamp(min=1)
+        if len(params) > 1:  # a flipped clip's content moves the other way
+            sx = torch.where(params[1].data["batch_prob"].to(moved.device).bool(), -sx, sx)
+        return self.normalise(x), _scale_vectors(moved, sx.view(b, t), sy.view(b, t))
 
 
 class EvalTransform(nn.Module):
@@ -150,10 +236,8 @@ class EvalTransform(nn.Module):
         self.resize = resize or crop_size
         self.normalise = _Normalise(mean, std)
 
-    @torch.no_grad()
-    def forward(self, clips: torch.Tensor) -> torch.Tensor:
-        """Transform uint8 ``B x T x H x W x C`` clips into float ``B x C x T x H x W``."""
-        x = to_float_clips(clips)
+    def _resize_crop(self, x: torch.Tensor) -> tuple[torch.Tensor, float, float]:
+        """Resize and centre-crop float ``B x T x C x H x W``; also the x and y resize factors."""
         b, t, c, h, w = x.shape
         scale = self.resize / min(h, w)
         nh, nw = max(self.crop_size, round(h * scale)), max(self.crop_size, round(w * scale))
@@ -166,8 +250,30 @@ class EvalTransform(nn.Module):
                 antialias=scale < 1,
             ).reshape(b, t, c, nh, nw)
         top, left = (nh - self.crop_size) // 2, (nw - self.crop_size) // 2
-        x = x[..., top : top + self.crop_size, left : left + self.crop_size]
+        return x[..., top : top + self.crop_size, left : left + self.crop_size], nw / w, nh / h
+
+    @torch.no_grad()
+    def forward(self, clips: torch.Tensor) -> torch.Tensor:
+        """Transform uint8 ``B x T x H x W x C`` clips into float ``B x C x T x H x W``."""
+        x, _, _ = self._resize_crop(to_float_clips(clips))
         return self.normalise(x.clamp(0.0, 1.0))
+
+    @torch.no_grad()
+    def forward_with_motion(
+        self, clips: torch.Tensor, field: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transform clips and their motion alike: ``(rgb, motion)``.
+
+        As :meth:`VideoAugmentation.forward_with_motion`, with the centre crop and no flip.
+        """
+        _check_field(clips, field)
+        x, _, _ = self._resize_crop(to_float_clips(clips))
+        x = x.clamp(0.0, 1.0)
+        if field is None:
+            return self.normalise(x), frame_difference(x)
+        moved, sx, sy = self._resize_crop(motion_to_float(field))
+        ones = moved.new_ones(moved.shape[:2])
+        return self.normalise(x), _scale_vectors(moved.contiguous(), ones * sx, ones * sy)
 
 
 def _simclr(crop_size: int) -> VideoAugmentation:

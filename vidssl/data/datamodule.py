@@ -1,6 +1,7 @@
 """``VideoDataModule``: indexes, datasets, dataloaders and on-device augmentation in one object.
 
-Workers decode uint8 views; ``on_after_batch_transfer`` augments them with kornia on the device.
+Workers decode uint8 views (and motion fields); ``on_after_batch_transfer`` augments them with
+kornia on the device.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from __future__ import annotations
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import pytorch_lightning as pl
@@ -17,9 +18,11 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from vidssl.data.augment import EvalTransform, build_augmentation
 from vidssl.data.dataset import (
+    MOTIONS,
     VideoDataset,
     collate_eval_videos,
     collate_videos,
+    motion_positions,
     views_of,
     views_settings,
 )
@@ -35,10 +38,16 @@ class VideoDataModule(pl.LightningDataModule):
     """Video data for self-supervised training, evaluation and feature banks.
 
     Batches leave the DataLoader as ``{"views": [uint8 B x T x H x W x C, ...], "index": B,
-    "label": B[, "positive_index": B]}`` and, after the transfer to the device,
-    :meth:`on_after_batch_transfer` turns every view into a float ``B x C x T x H x W`` tensor:
-    the training preset (one random draw per clip, independent across clips and views) for
-    training batches, the evaluation transform (resize, centre crop, normalise) otherwise.
+    "label": B[, "positive_index": B][, "motion": {position: uint8 B x T x H x W x 2}]}`` and,
+    after the transfer to the device, :meth:`on_after_batch_transfer` turns every view into a
+    float ``B x C x T x H x W`` tensor: the training preset (one random draw per clip,
+    independent across clips and views) for training batches, the evaluation transform (resize,
+    centre crop, normalise) otherwise.
+
+    With ``motion`` set, ``batch["motion"]`` becomes ``{position: float B x M x T x H x W}``
+    (``M = motion_channels``) for each view position of ``motion_views`` (every clip in
+    evaluation batches): the motion of exactly that view's frames, through the same crop and
+    flip as its RGB view (docs/motion.md has the normalisation).
 
     Args:
         train: training videos: a folder (class folders, unlabeled folder, UCF101 / HMDB51 root)
@@ -95,6 +104,16 @@ class VideoDataModule(pl.LightningDataModule):
         drop_last: drop the last incomplete training batch.
         cache_dir: folder of the probed-metadata manifests (default ``~/.cache/vidssl``).
         drop_unreadable: drop videos that fail probing instead of handling them by ``on_error``.
+        motion: motion view beside the RGB views: ``none``; ``flow`` (stored optical flow of
+            ``vidssl flow``, read in the workers); ``mv`` (motion vectors of the compressed
+            stream, decoded in the workers); ``diff`` (RGB difference of consecutive frames,
+            made on the device).
+        flow_dir: the folder ``vidssl flow`` wrote (``motion: flow``). A video's flow is
+            ``flow_dir/<its path relative to the flow root, extension .npy>``, the flow root
+            being the source folder in the folder's manifest, else the data source's folder;
+            ``setup`` names the videos that have none.
+        motion_views: positions (in ``views``) that carry a motion field; ``None``: every
+            training view. ``vidssl fit`` sets it from the model's ``motion_views``.
     """
 
     def __init__(
@@ -134,6 +153,9 @@ class VideoDataModule(pl.LightningDataModule):
         drop_last: bool = True,
         cache_dir: str | None = None,
         drop_unreadable: bool = False,
+        motion: Literal["none", "flow", "mv", "diff"] = "none",
+        flow_dir: str | None = None,
+        motion_views: list[int] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -144,6 +166,10 @@ class VideoDataModule(pl.LightningDataModule):
         self.clip_len = clip_len
         self.stride = stride
         self.num_views, self.repeat_anchor = _view_settings(views, num_views, repeat_anchor)
+        _check_motion(motion, flow_dir, motion_views)
+        self.motion = motion
+        self.flow_dir = flow_dir
+        self.motion_views = motion_positions(motion_views, self.num_views + self.repeat_anchor)
         self.short_side = short_side
         self.crop_size = crop_size
         self.eval_num_clips = eval_num_clips
@@ -188,9 +214,17 @@ class VideoDataModule(pl.LightningDataModule):
         return fmt in ("ucf101", "hmdb51")
 
     def _dataset(
-        self, index: VideoIndex, mode: str, num_clips: int = 1, on_error: str | None = None
+        self,
+        index: VideoIndex,
+        mode: str,
+        num_clips: int = 1,
+        on_error: str | None = None,
+        source: str | None = None,
+        flow_videos: Sequence[str] | None = None,
     ) -> VideoDataset:
         train = mode == "train"
+        if self.motion == "flow" and flow_videos is None:
+            flow_videos = _flow_videos(self.flow_dir, index, source)
         if on_error is None:
             on_error = self.train_on_error if train else self.eval_on_error
         return VideoDataset(
@@ -209,6 +243,10 @@ class VideoDataModule(pl.LightningDataModule):
             decode_device=self.decode_device,
             on_error=on_error,
             repeat_anchor=self.repeat_anchor,
+            motion=self.motion,
+            flow_dir=self.flow_dir,
+            flow_videos=flow_videos,
+            motion_views=self.motion_views,
         )
 
     def _warn_upsampling(self, index: VideoIndex) -> None:
@@ -244,26 +282,72 @@ class VideoDataModule(pl.LightningDataModule):
         """Read and probe the indexes (cached manifests make a second start near-instant).
 
         Warns once when ``crop_size`` exceeds ``short_side`` (or, with ``short_side=0``, the
-        native short side of some videos): the crops are then upsampled.
+        native short side of some videos): the crops are then upsampled. Motion checks:
+        ``motion: flow`` raises :class:`~vidssl.data.flow.FlowMissingError` naming the videos of
+        each split without stored flow (readable ones; the others follow ``on_error``);
+        ``motion: mv`` warns when the first training video's codec exports no motion vectors.
         """
         if self.train_dataset is None and self.train_source is not None:
             index = self._index(self.train_source, "train")
-            self.train_dataset = self._dataset(index, "train")
+            self.train_dataset = self._dataset(index, "train", source=self.train_source)
             self._warn_upsampling(index)
+            self._check_motion_source(self.train_dataset, "training")
         official = self._official(self.train_source) if self.train_source else False
         val_source = self.val_source or (self.train_source if official else None)
         test_source = self.test_source or (self.train_source if official else None)
         if self.val_dataset is None and val_source is not None:
             self.val_dataset = self._dataset(
-                self._index(val_source, "test"), "eval", self.eval_num_clips
+                self._index(val_source, "test"), "eval", self.eval_num_clips, source=val_source
             )
+            self._check_motion_source(self.val_dataset, "validation")
         if self.test_dataset is None and test_source is not None:
             if test_source == val_source and self.val_dataset is not None:
                 self.test_dataset = self.val_dataset
             else:
                 self.test_dataset = self._dataset(
-                    self._index(test_source, "test"), "eval", self.eval_num_clips
+                    self._index(test_source, "test"), "eval", self.eval_num_clips,
+                    source=test_source,
                 )
+                self._check_motion_source(self.test_dataset, "test")
+
+    def _check_motion_source(self, ds: VideoDataset, split: str) -> None:
+        """Run the start-up checks of ``motion`` on one split (see :meth:`setup`)."""
+        readable = ds.index.num_frames > 0
+        if split == "training" and self.motion != "none" and not self.motion_views:
+            warnings.warn(
+                f"data.motion={self.motion!r} but no view carries motion (motion_views=[]: the "
+                "method reads none); no motion is computed. Set data.motion: none.",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.motion == "mv" and split == "training" and readable.any():
+            _warn_without_motion_vectors(str(ds.index.paths[np.flatnonzero(readable)[0]]))
+        if self.motion != "flow":
+            return
+        from vidssl.data.flow import FlowMissingError, load_flow_manifest, missing_flow
+
+        if not Path(str(self.flow_dir)).is_dir():
+            raise FlowMissingError(
+                f"flow_dir {self.flow_dir} does not exist: compute the flow with `vidssl flow "
+                f"VIDEOS -o {self.flow_dir} --short-side {self.short_side or 128}`."
+            )
+        missing = missing_flow(self.flow_dir, ds.flow_videos[readable], root=".")
+        if missing:
+            raise FlowMissingError(
+                f"motion='flow': {len(missing)} of {int(readable.sum())} {split} videos have no "
+                f"flow in {self.flow_dir} (e.g. {', '.join(missing[:3])}); compute it with "
+                f"`vidssl flow VIDEOS -o {self.flow_dir}` (a re-run adds only the missing ones)."
+            )
+        stored = load_flow_manifest(self.flow_dir).get("short_side")
+        if split == "training" and stored and self.short_side and stored != self.short_side:
+            warnings.warn(
+                f"the flow in {self.flow_dir} was computed at short side {stored} but frames "
+                f"are decoded at short_side={self.short_side}: every flow clip is resized in "
+                f"the workers. `vidssl flow --short-side {self.short_side} --overwrite` into "
+                "another folder makes it match.",
+                UserWarning,
+                stacklevel=3,
+            )
 
     def _require(self, ds: VideoDataset | None, what: str) -> VideoDataset:
         if ds is None:
@@ -282,6 +366,11 @@ class VideoDataModule(pl.LightningDataModule):
     def views(self) -> tuple[str, ...]:
         """The training views every batch carries, in order (``VideoSSLMethod.views`` names)."""
         return views_of(self.num_views, self.repeat_anchor)
+
+    @property
+    def motion_channels(self) -> int:
+        """``M``, channels of each motion field: 2 (x, y) for flow and mv, 3 for diff, else 0."""
+        return {"flow": 2, "mv": 2, "diff": 3}.get(self.motion, 0)
 
     @property
     def train_batch_sampler(self) -> Iterable | None:
@@ -307,9 +396,7 @@ class VideoDataModule(pl.LightningDataModule):
         added, removed or reordered, and the data set being moved (with ``train`` updated).
         """
         paths = self._require(self.train_dataset, "train").index.paths
-        root = Path(str(self.train_source)).expanduser().resolve()
-        if root.is_file():
-            root = root.parent
+        root = _root_of(self.train_source)
         out = []
         for p in paths:
             p = Path(str(p))
@@ -452,7 +539,8 @@ class VideoDataModule(pl.LightningDataModule):
         on_error: str | None = None,
     ) -> DataLoader:
         source = self._require(getattr(self, f"{split}_dataset", None), split)
-        ds = self._dataset(source.index, "eval", num_clips, on_error)
+        flow_videos = source.flow_videos
+        ds = self._dataset(source.index, "eval", num_clips, on_error, flow_videos=flow_videos)
         return self._eval_loader(ds, rank, world_size)
 
     def bank_dataloader(
@@ -477,12 +565,33 @@ class VideoDataModule(pl.LightningDataModule):
         ``train=True`` applies the training preset independently to every view (one draw per
         clip); ``train=False`` the evaluation transform. Views that are already float are left
         as they are, so augmenting twice is harmless.
+
+        A view with motion (``batch["motion"][position]``, uint8, for ``flow`` / ``mv``; every
+        position of ``motion_views``, or every clip when ``train=False``, for ``diff``) shares
+        its RGB view's random draw: ``batch["motion"][position]`` becomes float
+        ``B x M x T x H x W`` (``forward_with_motion`` of :mod:`vidssl.data.augment`).
         """
         transform = self.train_augmentation if train else self.eval_transform
         views = batch["views"]
-        device = views[0].device
-        transform.to(device)
-        batch["views"] = [transform(v) if v.dtype == torch.uint8 else v for v in views]
+        if not views:
+            return batch
+        transform.to(views[0].device)
+        fields = dict(batch.get("motion") or {})
+        diff = self.motion == "diff"
+        positions = self.motion_views if train else range(len(views))
+        out = []
+        for pos, v in enumerate(views):
+            field = fields.get(pos)
+            if v.dtype != torch.uint8:
+                out.append(v)
+            elif (field is not None and field.dtype == torch.uint8) or (diff and pos in positions):
+                rgb, fields[pos] = transform.forward_with_motion(v, field)
+                out.append(rgb)
+            else:
+                out.append(transform(v))
+        batch["views"] = out
+        if fields or self.motion == "diff":
+            batch["motion"] = fields
         return batch
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -509,6 +618,48 @@ def _view_settings(
                 f"({', '.join(views)}: {key}={value}); leave data.{key} out, it follows the method"
             )
     return wanted
+
+
+def _check_motion(motion: str, flow_dir: str | None, motion_views: list[int] | None) -> None:
+    """Check the motion settings that need no video (one-line errors)."""
+    if motion not in MOTIONS:
+        raise ValueError(f"data.motion={motion!r} is not a motion view; valid: "
+                         f"{', '.join(MOTIONS)}")
+    if motion == "flow" and not flow_dir:
+        raise ValueError("data.motion='flow' needs data.flow_dir, the folder `vidssl flow` "
+                         "wrote (docs/motion.md); or use motion: mv or diff, which need no files")
+    if motion == "none" and motion_views:
+        raise ValueError(f"the method reads motion in views {list(motion_views)} but "
+                         "data.motion='none'; set data.motion to flow, mv or diff")
+
+
+def _root_of(source: str | None) -> Path:
+    """Return the folder a data source's relative paths start from: itself, or its folder."""
+    root = Path(str(source)).expanduser().resolve()
+    return root.parent if root.is_file() else root
+
+
+def _flow_videos(flow_dir: str, index: VideoIndex, source: str | None) -> list[str]:
+    """Each indexed video's path relative to its flow root (:func:`flow_relative_paths`)."""
+    from vidssl.data.flow import flow_relative_paths
+
+    return flow_relative_paths(flow_dir, index.paths, _root_of(source) if source else None)
+
+
+def _warn_without_motion_vectors(path: str) -> None:
+    """Warn when ``path``'s codec exports no motion vectors (every ``mv`` field would be zero)."""
+    from vidssl.data.index import probe_video
+    from vidssl.data.motion_vectors import MV_CODECS
+
+    codec = probe_video(path).codec
+    if codec and codec not in MV_CODECS:
+        warnings.warn(
+            f"data.motion='mv' but {path} is {codec}, whose stream carries no motion vectors: "
+            "its motion fields are all zero. Transcode the videos to H.264 (`vidssl transcode`) "
+            "or use motion: flow or diff.",
+            UserWarning,
+            stacklevel=4,
+        )
 
 
 def _keep_own_sampler(trainer: pl.Trainer | None) -> None:

@@ -1,7 +1,8 @@
 """The video dataset: decode the views of one video (or of an anchor/positive pair) as uint8.
 
 Workers open the file inside ``__getitem__``, decode exactly the frames the views need in one pass
-and return uint8 ``T x H x W x C`` tensors; damaged files follow the ``on_error`` policy.
+and return uint8 ``T x H x W x C`` tensors (and the motion field of the same frames when asked);
+damaged files follow the ``on_error`` policy.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from vidssl.data.decoding import VideoDecoder, build_decoder, resized_size
+from vidssl.data.flow import FLOW_BOUND, load_flow_manifest, quantize_flow, read_flow
 from vidssl.data.index import VideoIndex
 from vidssl.data.sampling import (
     TemporalTransform,
@@ -27,6 +29,7 @@ from vidssl.data.sampling import (
 )
 
 __all__ = [
+    "MOTIONS",
     "VIEWS",
     "Item",
     "VideoDataset",
@@ -43,6 +46,10 @@ log = logging.getLogger(__name__)
 Item = Union[int, Sequence[int]]
 
 OnError = Literal["resample", "raise", "skip"]
+
+#: Motion views: none; stored optical flow (``vidssl flow``); motion vectors of the compressed
+#: stream (read in the workers); RGB frame differences (computed on the device, nothing read).
+MOTIONS = ("none", "flow", "mv", "diff")
 
 #: The training views a method can ask for (``VideoSSLMethod.views``), in the order they come:
 #: a clip of the sample's video, other clips of it (or of the pair's positive video), and the
@@ -93,7 +100,12 @@ class VideoDataset(Dataset):
     Each item is a dict: ``views`` (list of uint8 ``T x H x W x C`` tensors), ``index`` (int, the
     dataset index of the video or anchor that was actually decoded), ``label`` (int, -1 unknown),
     ``decode_failures`` (int, how many videos failed to decode and were replaced while making this
-    item; always 0 under ``on_error="raise"``) and, for pairs, ``positive_index``.
+    item; always 0 under ``on_error="raise"``) and, for pairs, ``positive_index``. With
+    ``motion="flow"`` or ``"mv"`` it also holds ``motion``: ``{position: uint8 T x H x W x 2}``
+    for each view position of ``motion_views`` (every clip in ``"eval"`` mode), the field of
+    exactly that view's frames at its decode size, quantised as stored flow
+    (:func:`~vidssl.data.flow.quantize_flow`, 20 px/frame bound). A failure to read the motion
+    goes through ``on_error`` like a decoding failure.
 
     A decoding failure names the video that failed: for a pair, the positive's own file when the
     positive is the broken one. Failures are counted per video in shared memory, so the counts
@@ -122,6 +134,14 @@ class VideoDataset(Dataset):
             in a row (a sign that the data, not one file, is broken).
         repeat_anchor: add a last view repeating the anchor's frames (augmented independently).
         positive_overlap: for pairs with ``p == a``, allow the positive to overlap the anchor.
+        motion: ``"flow"`` (read stored flow), ``"mv"`` (decode motion vectors); ``"none"`` and
+            ``"diff"`` (made on the device from the RGB clip) read nothing.
+        flow_dir: the flow folder (``vidssl flow -o``), for ``motion="flow"``.
+        flow_videos: each video's path relative to the flow root (``N`` str; see
+            :func:`~vidssl.data.flow.flow_path`); default: relative to the root recorded in
+            ``flow_dir``'s manifest.
+        motion_views: training view positions that carry a motion field (``None``: all of
+            them, ``repeat_anchor``'s included); ignored in ``"eval"`` mode, where every clip does.
     """
 
     def __init__(
@@ -141,6 +161,10 @@ class VideoDataset(Dataset):
         max_consecutive_failures: int = 20,
         repeat_anchor: bool = False,
         positive_overlap: bool = False,
+        motion: str = "none",
+        flow_dir: str | None = None,
+        flow_videos: Sequence[str] | None = None,
+        motion_views: Sequence[int] | None = None,
     ) -> None:
         if mode not in ("train", "eval"):
             raise ValueError(f"mode must be 'train' or 'eval', got {mode!r}.")
@@ -148,6 +172,10 @@ class VideoDataset(Dataset):
             raise ValueError(f"on_error must be 'resample', 'raise' or 'skip', got {on_error!r}.")
         if clip_len < 1 or stride < 1 or num_views < 1 or num_clips < 0:
             raise ValueError("clip_len, stride and num_views must be >= 1, num_clips >= 0.")
+        if motion not in MOTIONS:
+            raise ValueError(f"motion must be one of {', '.join(MOTIONS)}, got {motion!r}.")
+        if motion == "flow" and not flow_dir:
+            raise ValueError("motion='flow' needs flow_dir, the folder written by `vidssl flow`.")
         if not index.probed:
             index.probe()
         self.index = index
@@ -165,6 +193,21 @@ class VideoDataset(Dataset):
         self.max_consecutive_failures = max_consecutive_failures
         self.repeat_anchor = repeat_anchor
         self.positive_overlap = positive_overlap
+        self.motion = motion
+        self.motion_views = motion_positions(motion_views, num_views + repeat_anchor)
+        self.flow_dir = flow_dir
+        self.flow_bound = FLOW_BOUND
+        self.flow_videos: np.ndarray | None = None
+        if motion == "flow":
+            self.flow_bound = float(load_flow_manifest(flow_dir).get("bound", FLOW_BOUND))
+            if flow_videos is None:
+                from vidssl.data.flow import flow_relative_paths
+
+                flow_videos = flow_relative_paths(flow_dir, index.paths)
+            if len(flow_videos) != len(index):
+                raise ValueError(f"flow_videos has {len(flow_videos)} paths for {len(index)} "
+                                 "videos; give one per video of the index.")
+            self.flow_videos = np.asarray(flow_videos, dtype=np.str_)
         # Failures per video, shared across DataLoader workers (shared memory, inherited or
         # pickled by torch), so the main process reads them and each path is logged once, not
         # once per worker and epoch. Increments can race rarely: acceptable for a report.
@@ -217,26 +260,60 @@ class VideoDataset(Dataset):
 
     # -- sampling ----------------------------------------------------------------------------
 
-    def _read(self, i: int, clips: list[np.ndarray]) -> list[torch.Tensor]:
+    def _read(
+        self,
+        i: int,
+        clips: list[np.ndarray],
+        positions: Sequence[int] = (),
+        motion: dict | None = None,
+    ) -> list[torch.Tensor]:
         """Decode ``clips`` (index arrays) of video ``i`` in one decoder pass.
 
-        Any failure is raised as :class:`_VideoError` naming ``i``, so that a pair whose positive
-        is broken is reported under the positive's path, not the anchor's.
+        ``positions`` are the clips' view positions; the motion field of each position that needs
+        one is put in ``motion`` (when given). Any failure is raised as :class:`_VideoError`
+        naming ``i``, so that a pair whose positive is broken is reported under the positive's
+        path, not the anchor's.
         """
         decoder, _ = self._state()
         w, h = int(self.index.width[i]), int(self.index.height[i])
         size = resized_size(w, h, self.short_side) if w and h else None
+        wanted = []
+        if motion is not None and self.motion in ("flow", "mv"):
+            wanted = [k for k, p in enumerate(positions) if self._needs_motion(p)]
         try:
             frames = decoder.read(
                 str(self.index.paths[i]), np.concatenate(clips), size, bool(self.index.exact[i])
             )
+            if wanted:
+                # The field of exactly these frames, at the size they were decoded at.
+                idx = np.concatenate([clips[k] for k in wanted])
+                codes = self._read_motion(i, idx, (frames.shape[2], frames.shape[1]))
+                ends = np.cumsum([len(clips[k]) for k in wanted])
+                for k, end in zip(wanted, ends):
+                    motion[positions[k]] = torch.from_numpy(codes[end - len(clips[k]) : end])
         except Exception as exc:  # noqa: BLE001 - any decoder error goes through the policy
             raise _VideoError(i, exc) from exc
-        out, pos = [], 0
-        for c in clips:
-            out.append(torch.from_numpy(frames[pos : pos + len(c)]))
-            pos += len(c)
-        return out
+        ends = np.cumsum([len(c) for c in clips])
+        return [torch.from_numpy(frames[end - len(c) : end]) for c, end in zip(clips, ends)]
+
+    def _needs_motion(self, position: int) -> bool:
+        if self.mode == "eval":
+            return True
+        # The repeated anchor shares the anchor's frames: its field is read at position 0.
+        repeat = self.repeat_anchor and self.num_views in self.motion_views
+        return position in self.motion_views or (position == 0 and repeat)
+
+    def _read_motion(self, i: int, idx: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        """uint8 codes ``T x H x W x 2`` of frames ``idx`` of video ``i`` at ``size = (W, H)``."""
+        if self.motion == "flow":
+            rel = str(self.flow_videos[i])
+            if self.flow_bound == FLOW_BOUND:
+                return read_flow(self.flow_dir, rel, idx, size, quantized=True)
+            return quantize_flow(read_flow(self.flow_dir, rel, idx, size, bound=self.flow_bound))
+        from vidssl.data.motion_vectors import read_motion_vectors
+
+        field = read_motion_vectors(str(self.index.paths[i]), idx, size, self.decode_threads)
+        return quantize_flow(field)
 
     def _instance_clips(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         if self.mode == "eval":
@@ -247,14 +324,26 @@ class VideoDataset(Dataset):
         return self.temporal.clips(start, n, self.num_views, self.clip_len, self.stride, rng)
 
     def _sample(self, item: Item, rng: np.random.Generator) -> dict[str, Any]:
+        motion: dict[int, torch.Tensor] = {}
+        out = self._sample_views(item, rng, motion)
+        if self.repeat_anchor and self.mode == "train":
+            out["views"].append(out["views"][0])
+            if self.num_views in self.motion_views and 0 in motion:
+                motion[self.num_views] = motion[0]
+            if 0 not in self.motion_views:
+                motion.pop(0, None)
+        if self.motion in ("flow", "mv"):
+            out["motion"] = motion
+        return out
+
+    def _sample_views(self, item: Item, rng: np.random.Generator, motion: dict) -> dict[str, Any]:
         nf = self.index.num_frames
         if isinstance(item, (int, np.integer)):
             i = int(item)
             if nf[i] <= 0:
                 raise _VideoError(i, RuntimeError(_NO_FRAMES))
-            views = self._read(i, self._instance_clips(int(nf[i]), rng))
-            if self.repeat_anchor and self.mode == "train":
-                views.append(views[0])
+            clips = self._instance_clips(int(nf[i]), rng)
+            views = self._read(i, clips, range(len(clips)), motion)
             return {"views": views, "index": i, "label": int(self.index.labels[i])}
         a, p = (int(x) for x in item)
         for j in (a, p):
@@ -273,14 +362,12 @@ class VideoDataset(Dataset):
                     else non_overlapping_start(int(anchor[0]), na, span, rng)
                 )
                 clips.append(loop_indices(start, self.clip_len, self.stride, na))
-            views = self._read(a, clips)
+            views = self._read(a, clips, range(len(clips)), motion)
         else:
-            views = self._read(a, [anchor])
+            views = self._read(a, [anchor], [0], motion)
             if positives:
                 views += self._read(p, [random_clip(int(nf[p]), self.clip_len, self.stride, rng)
-                                        for _ in range(positives)])
-        if self.repeat_anchor:
-            views.append(views[0])
+                                        for _ in range(positives)], range(1, 1 + positives), motion)
         return {
             "views": views,
             "index": a,
@@ -329,6 +416,21 @@ class VideoDataset(Dataset):
                 item = j if isinstance(item, (int, np.integer)) else (j, j)
 
 
+def motion_positions(motion_views: Sequence[int] | None, num_views: int) -> tuple[int, ...]:
+    """Return the sorted view positions with motion: ``motion_views``, or all ``num_views``.
+
+    Raises ValueError naming a position outside ``0 .. num_views - 1``.
+    """
+    if motion_views is None:
+        return tuple(range(num_views))
+    positions = tuple(sorted({int(p) for p in motion_views}))
+    bad = [p for p in positions if not 0 <= p < num_views]
+    if bad:
+        raise ValueError(f"motion_views={list(motion_views)} names view position {bad[0]}, but "
+                         f"there are {num_views} training views (positions 0..{num_views - 1}).")
+    return positions
+
+
 class _VideoError(Exception):
     """A failure to decode dataset video ``index``; ``cause`` is what the decoder raised."""
 
@@ -374,7 +476,9 @@ def collate_videos(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack dataset items into a batch: ``views`` (list of uint8 ``B x T x H x W x C``), longs.
 
     Videos of different aspect ratios decode to different sizes; each view is centre-cropped to
-    the smallest height and width in the batch (slicing only: no float work in workers). Training
+    the smallest height and width in the batch (slicing only: no float work in workers). Items'
+    ``motion`` fields become ``batch["motion"] = {position: uint8 B x T x H x W x 2}``, each cut
+    exactly as the RGB view of its position (same offsets). Training
     batches use it; evaluation batches use :func:`collate_eval_videos`. Items skipped by
     ``on_error="skip"`` (``views`` is ``None``) are left out; their indices are in
     ``skipped_index`` (``LongTensor S``, present only when ``S > 0``). A batch of skipped items
@@ -406,16 +510,22 @@ def _collate(samples: list[dict[str, Any]], square: bool) -> dict[str, Any]:
         batch["skipped_index"] = torch.tensor(skipped, dtype=torch.int64)
         return batch
     num_views = len(samples[0]["views"])
-    views = []
+    views, motion = [], {}
     for v in range(num_views):
         clips = [s["views"][v] for s in samples]
+        # A motion field has its view's H x W: the same slicing keeps the two aligned.
+        fields = [s["motion"][v] for s in samples] if v in samples[0].get("motion", ()) else []
         if square:
-            clips = [centre_square(c) for c in clips]
+            clips, fields = [centre_square(c) for c in clips], [centre_square(f) for f in fields]
         h = min(c.shape[-3] for c in clips)
         w = min(c.shape[-2] for c in clips)
         views.append(_stack([_crop_to(c, h, w) for c in clips]))
+        if fields:
+            motion[v] = _stack([_crop_to(f, h, w) for f in fields])
     batch: dict[str, Any] = {"views": views}
+    if "motion" in samples[0]:
+        batch["motion"] = motion
     for key in samples[0]:
-        if key != "views":
+        if key not in ("views", "motion"):
             batch[key] = _stack([torch.tensor(s[key], dtype=torch.int64) for s in samples])
     return batch

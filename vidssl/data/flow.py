@@ -34,6 +34,7 @@ __all__ = [
     "find_flow_sources",
     "read_flow",
     "missing_flow",
+    "flow_relative_paths",
     "load_flow_manifest",
     "summarize",
 ]
@@ -462,6 +463,40 @@ def missing_flow(
         rel = Path(os.path.abspath(p)).relative_to(base) if p.is_absolute() else p
         if not flow_path(dst, rel).exists():
             out.append(str(v))
+    return out
+
+
+def flow_relative_paths(
+    dst: str | os.PathLike, videos: Iterable[str], root: str | os.PathLike | None = None
+) -> list[str]:
+    """Each video's path relative to its flow root: what :func:`flow_path` takes.
+
+    The rule a :class:`~vidssl.data.VideoDataModule` uses to find a video's flow: relative to
+    the source folder recorded in ``dst``'s manifest (the ``SRC`` / ``--root`` of ``vidssl
+    flow``) when the video lies under it, else relative to ``root`` (the data module's source
+    folder: a data set moved after its flow was made). ``videos`` are absolute paths, or paths
+    relative to that root. ValueError names a video under neither.
+    """
+    recorded = load_flow_manifest(dst).get("root")
+    bases = [Path(b).expanduser().resolve() for b in (recorded, root) if b]
+    out = []
+    for v in videos:
+        p = Path(str(v))
+        if not p.is_absolute():
+            out.append(p.as_posix())
+            continue
+        # abspath, not resolve: a symlinked video keeps its place in the tree (find_flow_sources).
+        p = Path(os.path.abspath(p))
+        base = next((b for b in bases if b in p.parents), None)
+        if base is None:  # a video reached through a symlinked folder
+            p = p.resolve()
+            base = next((b for b in bases if b in p.parents), None)
+        if base is None:
+            raise ValueError(
+                f"{v} is under none of the flow roots ({', '.join(map(str, bases)) or 'none'}): "
+                f"its flow in {dst} cannot be found; run `vidssl flow` on its folder."
+            )
+        out.append(p.relative_to(base).as_posix())
     return out
 
 
