@@ -92,9 +92,12 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
     if name.startswith("slic_"):
         # SLIC's multi-view (ClusterTriplet motion_prob, official 0.25): the positive and the
         # re-augmented anchor each replaced by their motion field, x copied to 3 channels.
+        # Frame differences are 3-channel RGB: they take their own stem (xy), not SLIC's x3.
         source = name.split("_", 1)[1]
-        method = ClusterTriplet(motion_prob=args.motion_prob, motion_input=args.motion_input,
-                                **_optim(args), **_backbone(args))  # fmt: skip
+        channels, stem = (3, "xy") if source == "diff" else (2, args.motion_input)
+        method = ClusterTriplet(motion_prob=args.motion_prob, motion_input=stem,
+                                motion_channels=channels, **_optim(args),
+                                **_backbone(args))  # fmt: skip
         labels = _pseudo_labels(args, start_epoch)
         dm_kw = {"views": list(method.views), "motion": source,
                  "motion_views": list(method.motion_views)}
@@ -149,15 +152,14 @@ def _datamodule(root: str, args, **kw) -> VideoDataModule:
         num_workers=args.workers,
         persistent_workers=args.workers > 0,
         backend="pyav",
+        # The classes are directions of motion and a horizontal flip turns MoveLeft into
+        # MoveRight, so no flip; crops keep 40-100 % of the frame (SimCLR's 8 % leaves a small
+        # frame without the blob); colour changes are left out: the look is not what is learned.
+        train_augmentation=VideoAugmentation(args.crop, scale=(0.4, 1.0), flip_p=0.0,
+                                             jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
     )
     settings.update(kw)
-    dm = VideoDataModule(**settings)
-    # The classes are directions of motion and a horizontal flip turns MoveLeft into MoveRight,
-    # so no flip; crops keep 40-100 % of the frame (SimCLR's 8 % leaves a small frame without
-    # the blob); colour changes are left out: the collection's look is not what is learned.
-    dm.train_augmentation = VideoAugmentation(args.crop, scale=(0.4, 1.0), flip_p=0.0,
-                                              jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
-    return dm
+    return VideoDataModule(**settings)
 
 
 def main() -> None:

@@ -392,3 +392,24 @@ def test_validate_and_test_of_a_self_supervised_method_say_what_to_run(
     err = capsys.readouterr().err
     assert f"SimCLR defines no {'validation' if stage == 'validate' else 'test'}_step" in err
     assert "vidssl retrieval CKPT ROOT" in err and "Traceback" not in err
+
+
+def test_augmentation_is_configurable_from_yaml(tmp_path, tiny_video_root):
+    """Every knob of the training augmentation can be set in a config, not only a preset."""
+    from vidssl.cli import VidsslCLI
+    from vidssl.data import VideoAugmentation
+
+    cfg = _config(tmp_path, tiny_video_root)
+    data = yaml.safe_load(cfg.read_text())
+    data["data"]["init_args"]["train_augmentation"] = {
+        "class_path": "vidssl.data.VideoAugmentation",
+        "init_args": {"crop_size": 32, "scale": [0.4, 1.0], "flip_p": 0.0, "jitter_p": 0.0},
+    }
+    cfg.write_text(yaml.safe_dump(data))
+    cli = VidsslCLI(["--config", str(cfg)], run=False)
+    aug = cli.datamodule.train_augmentation
+    assert isinstance(aug, VideoAugmentation) and aug.crop_size == 32
+    assert aug.flip_p == 0.0 and tuple(aug.scale) == (0.4, 1.0)
+    data["data"]["init_args"]["train_augmentation"]["init_args"]["crop_size"] = 48
+    cfg.write_text(yaml.safe_dump(data))
+    assert main(["fit", "--config", str(cfg)]) == 2  # a crop that disagrees: one-line error

@@ -218,18 +218,18 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
     model, clustered = _build_method(s)
+    # The classes differ by direction of motion: a horizontal flip turns MoveLeft into
+    # MoveRight, so the demo's augmentation has no flip, and no colour changes (every video has
+    # the same look); crops keep 40-100 % of the frame, as benchmarks/retrieval_synthetic.py.
+    augmentation = VideoAugmentation(s.crop_size, scale=(0.4, 1.0), flip_p=0.0, jitter_p=0.0,
+                                     grayscale_p=0.0, blur_p=0.0)
     dm = VideoDataModule(
         train=str(root), format="ucf101", clip_len=s.clip_len, stride=2,
-        short_side=s.crop_size, crop_size=s.crop_size,
+        short_side=s.crop_size, crop_size=s.crop_size, train_augmentation=augmentation,
         views=list(model.views),
         batch_size=s.batch_size, eval_num_clips=s.num_clips, num_workers=s.num_workers,
         persistent_workers=s.num_workers > 0, cache_dir=str(Path(s.cache_dir) / "manifests"),
     )
-    # The classes differ by direction of motion: a horizontal flip turns MoveLeft into
-    # MoveRight, so the demo's augmentation has no flip, and no colour changes (every video has
-    # the same look); crops keep 40-100 % of the frame, as benchmarks/retrieval_synthetic.py.
-    dm.train_augmentation = VideoAugmentation(s.crop_size, scale=(0.4, 1.0), flip_p=0.0,
-                                              jitter_p=0.0, grayscale_p=0.0, blur_p=0.0)
     history = _history_callback()
     monitor = RetrievalMonitor(every_n_epochs=s.monitor_every, ks=(1, 5), at_start=True)
     callbacks: List[Any] = [monitor]

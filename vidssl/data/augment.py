@@ -153,6 +153,10 @@ class VideoAugmentation(nn.Module):
         if blur_p > 0:
             ops.append(K.RandomGaussianBlur((blur_kernel, blur_kernel), blur_sigma, p=blur_p))
         self.crop_size = crop_size
+        # The settings, readable (configs, plots, the demo): the ops below are built from them.
+        self.scale, self.ratio, self.flip_p = tuple(scale), tuple(ratio), flip_p
+        self.jitter, self.jitter_p, self.grayscale_p = tuple(jitter), jitter_p, grayscale_p
+        self.blur_p, self.blur_kernel, self.blur_sigma = blur_p, blur_kernel, tuple(blur_sigma)
         self.cpu_chunk = cpu_chunk
         self.spatial = K.VideoSequential(*ops, data_format="BTCHW", same_on_frame=True)
         self.normalise = _Normalise(mean, std)
@@ -218,10 +222,6 @@ class EvalTransform(nn.Module):
         resize: short side before cropping (SLIC and 3D-ResNets resize to the crop size).
         mean: per-channel normalisation mean.
         std: per-channel normalisation std.
-        cpu_chunk: on the CPU, augment this many clips per kornia call (``0``: all at once).
-            Measured in docs/benchmarks.md: one call on 8 x 16 frames was 1.0-2.5x slower on a
-            CPU than per-clip calls (the working set falls out of cache); on GPUs the batch is
-            processed in one call. Draws are per clip either way.
     """
 
     def __init__(

@@ -16,7 +16,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from vidssl.data.augment import EvalTransform, build_augmentation
+from vidssl.data.augment import EvalTransform, VideoAugmentation, build_augmentation
 from vidssl.data.dataset import (
     MOTIONS,
     VideoDataset,
@@ -72,6 +72,10 @@ class VideoDataModule(pl.LightningDataModule):
             ``crop_size`` every crop is upsampled (a warning at set-up says by how much).
         crop_size: output side of training crops and evaluation centre crops.
         train_preset: training augmentation preset (``simclr``, ``slic``, ``crop_flip``).
+        train_augmentation: a :class:`~vidssl.data.VideoAugmentation` used instead of the
+            preset, so that every knob (crop scale, flip, colour jitter, blur, ...) can be set in
+            a config (``class_path: vidssl.data.VideoAugmentation`` with its ``init_args``); its
+            ``crop_size`` must equal ``crop_size``.
         eval_num_clips: clips per video for val/test loaders (views ``0..N-1``; retrieval
             protocols average features over them); the bank loader always uses 1 centre clip.
         temporal_preset: named temporal scheme of the training views
@@ -131,6 +135,7 @@ class VideoDataModule(pl.LightningDataModule):
         short_side: int = 128,
         crop_size: int = 112,
         train_preset: str = "simclr",
+        train_augmentation: VideoAugmentation | None = None,
         eval_num_clips: int = 1,
         temporal_preset: Literal["cvrl", "videosimclr"] | None = None,
         views_from: Literal["video", "clip"] | None = None,
@@ -191,7 +196,13 @@ class VideoDataModule(pl.LightningDataModule):
         self.drop_last = drop_last
         self.cache_dir = cache_dir
         self.drop_unreadable = drop_unreadable
-        self.train_augmentation = build_augmentation(train_preset, crop_size)
+        if train_augmentation is not None and train_augmentation.crop_size != crop_size:
+            raise ValueError(
+                f"data.train_augmentation has crop_size={train_augmentation.crop_size} but "
+                f"data.crop_size={crop_size}: give both the same value"
+            )
+        self.train_augmentation = train_augmentation or build_augmentation(train_preset,
+                                                                           crop_size)
         self.eval_transform = EvalTransform(crop_size)
         self.train_dataset: VideoDataset | None = None
         self.val_dataset: VideoDataset | None = None
