@@ -166,14 +166,18 @@ def test_retrieval_monitor_logs(tiny_video_root):
 
 
 class _NoEvalLoader(VideoDataModule):
-    """A data module without ``eval_dataloader``: retrieval builds its own loader."""
+    """A data module without ``eval_dataloader``."""
 
     eval_dataloader = None
 
 
-@pytest.mark.parametrize("module", [VideoDataModule, _NoEvalLoader])
+def test_retrieval_needs_a_data_module_with_eval_dataloader(tiny_video_root):
+    with pytest.raises(TypeError, match="eval_dataloader.*_NoEvalLoader has none"):
+        evaluate_retrieval(_tiny(), _NoEvalLoader(train=str(tiny_video_root)), num_clips=1)
+
+
 @pytest.mark.parametrize("short_side", [40, 0])
-def test_eval_features_of_a_video_do_not_depend_on_its_batch(tmp_path, module, short_side):
+def test_eval_features_of_a_video_do_not_depend_on_its_batch(tmp_path, short_side):
     from vidssl.data.synthetic import write_video
     from vidssl.evaluation.retrieval import _eval_loader
 
@@ -186,7 +190,7 @@ def test_eval_features_of_a_video_do_not_depend_on_its_batch(tmp_path, module, s
     model = _tiny()
     feats = {}
     for batch in (1, 4):
-        dm = module(train=str(tmp_path), format="class_folders", clip_len=4,
+        dm = VideoDataModule(train=str(tmp_path), format="class_folders", clip_len=4,
                     short_side=short_side, crop_size=32, eval_batch_size=batch, num_workers=0)
         dm.setup("fit")
         f, _, idx = extract_features(model, _eval_loader(dm, "train", 2),

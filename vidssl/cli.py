@@ -19,9 +19,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["CLIError", "VidsslCLI", "format_recall_table", "main"]
+__all__ = ["CLIError", "VidsslCLI", "main"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+def __getattr__(name: str) -> Any:
+    # format_recall_table lives with the retrieval protocol; kept importable from here, loaded
+    # on first use (importing vidssl.cli must not import torch).
+    if name == "format_recall_table":
+        from vidssl.evaluation.retrieval import format_recall_table
+
+        return format_recall_table
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class CLIError(Exception):
@@ -300,15 +310,11 @@ def VidsslCLI(args: Optional[Sequence[str]] = None, run: bool = True) -> Any:  #
     """
     import pytorch_lightning as pl
 
+    import vidssl.callbacks  # noqa: F401  (callbacks by short name in configs)
     import vidssl.evaluation.probe  # noqa: F401  (LinearProbe / FineTune by short name)
     import vidssl.methods  # noqa: F401  (registers the method classes for short class paths)
     from vidssl.data import VideoDataModule
 
-    for optional in ("vidssl.callbacks",):
-        try:
-            __import__(optional)  # callbacks become available by short name in configs
-        except ImportError:
-            pass
     cls = _lightning_cli_class()
     with warnings.catch_warnings():
         # main(args) is also called in-process (tests, notebooks) where sys.argv is the host's.
@@ -557,24 +563,6 @@ def _embed_like_index(index: Any, paths: List[str], device: Optional[str]):
 
 
 # ---------------------------------------------------------------------------- retrieval
-def format_recall_table(results: Dict[str, Any]) -> str:
-    """Format ``{name: RetrievalResult}`` as a table of R@k in percent, protocol line first."""
-    first = next(iter(results.values()))
-    ks = list(first.recall)
-    width = max(8, *(len(n) for n in results))
-    lines = [
-        f"retrieval protocol: {first.num_queries} test videos query {first.num_gallery} "
-        f"training videos; {first.clips}; {first.feature} "
-        f"features of {getattr(first, 'modality', 'rgb')}"
-        f"{', mean-centred' if first.center else ''}; {first.similarity}; a query "
-        "counts at k when one of its k nearest training videos has its class",
-        f"{'model':<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in ks),
-    ]
-    for name, r in results.items():
-        lines.append(f"{name:<{width}} " + " ".join(f"{100 * r.recall[k]:>6.1f}" for k in ks))
-    return "\n".join(lines)
-
-
 def _add_retrieval(p: argparse.ArgumentParser) -> None:
     p.add_argument("ckpt", metavar="CKPT", help="vidssl .ckpt, state-dict .pth (with --backbone) "
                    "or a backbone name with --random-init")
@@ -636,7 +624,7 @@ def _motion_source(a: argparse.Namespace) -> Optional[str]:
 def _run_retrieval(a: argparse.Namespace) -> int:
     from vidssl.data import VideoDataModule
     from vidssl.evaluation.embed import load_encoder
-    from vidssl.evaluation.retrieval import evaluate_retrieval
+    from vidssl.evaluation.retrieval import evaluate_retrieval, format_recall_table
 
     motion = _motion_source(a)
     encoder, info = _encoder_from_args(a, a.ckpt)

@@ -90,29 +90,24 @@ def _dataset(s: DemoSettings) -> Path:
     return root
 
 
-def _history_callback():
-    """Return a callback that records pseudo-label NMI and R@1 when they are measured."""
-    import pytorch_lightning as pl
+def _history(epochs: int, monitor: Any, pseudo_labels: Any) -> List[Dict[str, float]]:
+    """One row per epoch trained: its R@1 and the NMI of its pseudo-labels, where measured.
 
-    class History(pl.Callback):
-        def __init__(self) -> None:
-            self.rows: List[Dict[str, float]] = []
-
-        def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: Any) -> None:
-            epoch = trainer.current_epoch
-            row: Dict[str, float] = {"epoch": epoch}
-            for cb in trainer.callbacks:
-                last, every = getattr(cb, "last", None), getattr(cb, "every_n_epochs", 1)
-                # RetrievalMonitor: measured at the end of every `every`-th epoch.
-                if isinstance(last, dict) and 1 in last and (epoch + 1) % every == 0:
-                    row["R@1"] = float(last[1])
-                # PseudoLabels: labels made at the start of this epoch, from its weights then.
-                diag = getattr(cb, "diagnostics", None)
-                if isinstance(diag, dict) and "nmi" in diag and diag.get("epoch") == epoch:
-                    row["NMI"] = float(diag["nmi"])
-            self.rows.append(row)
-
-    return History()
+    R@1 is ``RetrievalMonitor.history``'s, measured at the end of the epoch; NMI is
+    ``PseudoLabels.history``'s, of the labels made at the start of the epoch.
+    """
+    r1 = {h["epoch"]: float(h["recall"][1]) for h in monitor.history if 1 in h["recall"]}
+    nmi = {} if pseudo_labels is None else {
+        h["epoch"]: float(h["nmi"]) for h in pseudo_labels.history if "nmi" in h}
+    rows: List[Dict[str, float]] = []
+    for epoch in range(epochs):
+        row: Dict[str, float] = {"epoch": epoch}
+        if epoch in r1:
+            row["R@1"] = r1[epoch]
+        if epoch in nmi:
+            row["NMI"] = nmi[epoch]
+        rows.append(row)
+    return rows
 
 
 def _plot_history(rows: List[Dict[str, float]], path: Path, start_r1: Optional[float]) -> None:
@@ -202,11 +197,10 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
     import pytorch_lightning as pl
     import torch
 
-    from vidssl.callbacks import RetrievalMonitor
-    from vidssl.cli import format_recall_table
+    from vidssl.callbacks import PseudoLabels, RetrievalMonitor
     from vidssl.data import VideoAugmentation, VideoDataModule
     from vidssl.evaluation.embed import ClipSettings, embed_videos, find_videos, load_encoder
-    from vidssl.evaluation.retrieval import evaluate_retrieval
+    from vidssl.evaluation.retrieval import evaluate_retrieval, format_recall_table
     from vidssl.evaluation.search import SearchIndex
 
     s = s or DemoSettings()
@@ -230,16 +224,13 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
         batch_size=s.batch_size, eval_num_clips=s.num_clips, num_workers=s.num_workers,
         persistent_workers=s.num_workers > 0, cache_dir=str(Path(s.cache_dir) / "manifests"),
     )
-    history = _history_callback()
     monitor = RetrievalMonitor(every_n_epochs=s.monitor_every, ks=(1, 5), at_start=True)
     callbacks: List[Any] = [monitor]
+    pseudo_labels = None
     if clustered:
-        from vidssl.callbacks import PseudoLabels
-
-        callbacks.append(PseudoLabels(every_n_epochs=s.recluster_every,
-                                      start_epoch=s.cluster_start_epoch, p_same=0.2,
-                                      seed=s.seed))
-    callbacks.append(history)
+        pseudo_labels = PseudoLabels(every_n_epochs=s.recluster_every,
+                                     start_epoch=s.cluster_start_epoch, p_same=0.2, seed=s.seed)
+        callbacks.append(pseudo_labels)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, max_epochs=s.epochs, logger=False,
         enable_checkpointing=False, callbacks=callbacks, num_sanity_val_steps=0,
@@ -263,11 +254,12 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
     table = format_recall_table(results)
     print(table)
     (out / "retrieval.txt").write_text(table + "\n")
+    history = _history(trainer.current_epoch, monitor, pseudo_labels)
     start_r1 = monitor.initial.get(1) if monitor.initial else None
     if start_r1 is not None:
-        history.rows.insert(0, {"epoch": -1, "R@1": float(start_r1)})  # 0 epochs trained
-    (out / "history.json").write_text(json.dumps(history.rows, indent=1))
-    _plot_history(history.rows, out / "training_curves.png", start_r1)
+        history.insert(0, {"epoch": -1, "R@1": float(start_r1)})  # 0 epochs trained
+    (out / "history.json").write_text(json.dumps(history, indent=1))
+    _plot_history(history, out / "training_curves.png", start_r1)
 
     _say("embedding every video and building the search index")
     settings = ClipSettings.for_encoder(info, num_clips=s.num_clips)
@@ -297,5 +289,5 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
                        ("index", "search index")):
         _say(f"  {out / name}  ({what})")
     _say(f"try: vidssl search {out / 'index'} {queries[0]} -k 5")
-    return {"out_dir": str(out), "results": results, "history": history.rows,
+    return {"out_dir": str(out), "results": results, "history": history,
             "seconds": took, "checkpoint": str(ckpt), "index": str(out / "index")}

@@ -6,8 +6,9 @@ identity), so the same code runs in a notebook, on one device and under DDP.
 
 from __future__ import annotations
 
-from typing import List
+from typing import Any, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -15,11 +16,14 @@ __all__ = [
     "all_gather",
     "all_gather_padded",
     "broadcast",
+    "gather_unique",
     "gather_with_grad",
     "get_rank",
     "get_world_size",
     "is_distributed",
     "is_main_process",
+    "rank_and_world",
+    "unique_rows",
 ]
 
 
@@ -40,6 +44,17 @@ def get_world_size() -> int:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size()
     return 1
+
+
+def rank_and_world(trainer: Any = None) -> Tuple[int, int]:
+    """Return ``(rank, world_size)``: the trainer's when given, else the process group's.
+
+    ``trainer`` is anything with ``global_rank`` and ``world_size`` (a Lightning ``Trainer``);
+    without one the default process group is asked, and a single process is ``(0, 1)``.
+    """
+    if trainer is not None:
+        return int(trainer.global_rank), int(trainer.world_size)
+    return get_rank(), get_world_size()
 
 
 def is_main_process() -> bool:
@@ -141,3 +156,56 @@ def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if is_distributed():
         dist.broadcast(tensor, src=src)
     return tensor
+
+
+def unique_rows(index: torch.Tensor, num: Optional[int] = None) -> torch.Tensor:
+    """Return the rows of ``index`` that hold each of its values once, in increasing value.
+
+    A ``DistributedSampler(drop_last=False)`` evens out the ranks' shares by repeating indices,
+    so gathered rows hold some dataset indices twice, with the same content (evaluation clips
+    are deterministic): the first row of each index is kept. With ``num``, the indices must be
+    exactly ``0 .. num-1``, each at least once, and ``num`` rows come back (row ``i`` holds index
+    ``i``); an index out of range or missing raises ``RuntimeError``.
+
+    Args:
+        index: ``N`` dataset indices (any integer dtype, on any device).
+        num: the number of items every index must cover, or ``None`` to keep what is there.
+
+    Returns:
+        ``LongTensor`` of row numbers on the CPU.
+    """
+    index = index.long().cpu()
+    if num is not None and index.numel() and (index.min() < 0 or index.max() >= num):
+        raise RuntimeError(
+            f"bank indices must be in [0, {num}), got [{index.min()}, {index.max()}]"
+        )
+    present, first_row = np.unique(index.numpy(), return_index=True)  # first occurrence
+    rows = torch.from_numpy(first_row).long()
+    if num is None:
+        return rows
+    first = torch.full((num,), -1, dtype=torch.long)
+    first[torch.from_numpy(present)] = rows
+    missing = (first < 0).nonzero().flatten()
+    if missing.numel():
+        raise RuntimeError(
+            f"{missing.numel()} of {num} training videos are missing from the feature bank (e.g. "
+            f"index {int(missing[0])}); the bank loader must visit every training video."
+        )
+    return first
+
+
+def gather_unique(
+    index: torch.Tensor, *tensors: torch.Tensor, device: Optional[torch.device] = None
+) -> Tuple[torch.Tensor, ...]:
+    """Gather every rank's rows and keep each dataset index once: ``(index, *tensors)`` on CPU.
+
+    Every tensor has one row per entry of ``index`` (``N_rank x ...``; ranks may hold different
+    counts). The collective runs on ``device`` (NCCL needs CUDA tensors; default: where each
+    tensor is), then :func:`unique_rows` drops the ``DistributedSampler``'s padding and sorts
+    the rows by index. In a single process only the sorting and de-duplication happen.
+    """
+    parts = (index, *tensors)
+    if is_distributed():
+        parts = tuple(all_gather_padded(t.to(device) if device else t).cpu() for t in parts)
+    rows = unique_rows(parts[0])
+    return tuple(t.cpu()[rows] for t in parts)

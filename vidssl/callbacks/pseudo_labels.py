@@ -14,12 +14,12 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch import nn
 
 from vidssl import clustering
 from vidssl import distributed as vdist
 from vidssl.clustering.metrics import pair_error_rates
+from vidssl.evaluation.features import feature_pass
 from vidssl.losses.mining import hard_negative_fn_rate
 from vidssl.pseudo_labels import PseudoLabelConsumer, PseudoLabelDiagnostics, PseudoLabelState
 
@@ -120,6 +120,11 @@ class PseudoLabels(pl.Callback):
         seed: the installed sampler's seed.
         progress_bar: show a tqdm bar over the embedding pass on rank 0 when it has more than
             20 batches.
+
+    Attributes:
+        diagnostics: what the latest re-clustering logged (``epoch``, ``nmi``, ...).
+        history: the numeric diagnostics of every re-clustering, in order, each with the
+            ``epoch`` its labels were made at the start of (saved in checkpoints).
     """
 
     def __init__(
@@ -472,46 +477,28 @@ class PseudoLabels(pl.Callback):
             )
         encoder = encoder or self._encoder(pl_module)
         module: nn.Module = encoder.module  # type: ignore[attr-defined]
-        loader = dm.bank_dataloader(rank=trainer.global_rank, world_size=trainer.world_size)
+        rank, world = vdist.rank_and_world(trainer)
+        loader = dm.bank_dataloader(rank=rank, world_size=world)
         device = pl_module.device
         module.to(device)
-        was_training = module.training
-        module.eval()  # BN running statistics, no dropout: features of the model as it is
-        idx, feats, labels, skipped = [], [], [], []
-        try:
-            batches = loader
-            show = self.progress_bar and trainer.is_global_zero and len(loader) > 20
-            if show:
-                from tqdm.auto import tqdm
+        batches = loader
+        if self.progress_bar and trainer.is_global_zero and len(loader) > 20:
+            from tqdm.auto import tqdm
 
-                batches = tqdm(loader, desc="PseudoLabels: embedding", leave=False)
-            for batch in batches:
-                batch = move_data_to_device(batch, device)
-                if "skipped_index" in batch:
-                    skipped.append(batch["skipped_index"].long())
-                if not batch["views"]:
-                    continue
-                batch = dm.augment(batch, train=False)
-                feats.append(encoder(batch["views"][0]).float())
-                idx.append(batch["index"].long())
-                labels.append(batch["label"].long())
-        finally:
-            module.train(was_training)
-        if not feats and skipped:
+            batches = tqdm(loader, desc="PseudoLabels: embedding", leave=False)
+        bank = feature_pass(module, batches, lambda b: dm.augment(b, train=False),
+                            encode=encoder, device=device)
+        if not bank.index.numel() and bank.skipped.numel():
             raise RuntimeError(
                 "PseudoLabels: none of this process's training videos could be decoded; check "
                 "them with `vidssl check-videos`."
             )
-        dim = feats[0].shape[1] if feats else 0
-        if skipped:
-            gone = torch.cat(skipped)
-            idx.append(gone)
-            feats.append(torch.full((gone.numel(), dim), float("nan"), device=device))
-            labels.append(torch.full_like(gone, -1))
+        gone = bank.skipped
+        nan = torch.full((gone.numel(), bank.features.shape[1]), float("nan"))
         return (
-            torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long, device=device),
-            torch.cat(feats) if feats else torch.zeros(0, dim, device=device),
-            torch.cat(labels) if labels else torch.zeros(0, dtype=torch.long, device=device),
+            torch.cat([bank.index.long(), gone]).to(device),
+            torch.cat([bank.features, nan]).to(device),
+            torch.cat([bank.labels.long(), torch.full_like(gone, -1)]).to(device),
         )
 
     def cluster(
@@ -672,24 +659,5 @@ def _num_videos(trainer: pl.Trainer, gathered_index: torch.Tensor) -> int:
     return int(gathered_index.max().item()) + 1 if gathered_index.numel() else 0
 
 
-def _unique_rows(index: torch.Tensor, n: int) -> torch.Tensor:
-    """Rows of ``index`` that hold each of ``0 .. n-1`` once (the first of any duplicates).
-
-    ``DistributedSampler(drop_last=False)`` pads the last shard by repeating indices; the
-    padding rows carry the same index (and the same feature, the centre clip being
-    deterministic), so one row per index is kept. A missing index is an error: its video would
-    get no label.
-    """
-    index = index.long()
-    if index.numel() and (index.min() < 0 or index.max() >= n):
-        raise RuntimeError(f"bank indices must be in [0, {n}), got [{index.min()}, {index.max()}]")
-    present, first_row = np.unique(index.numpy(), return_index=True)  # first occurrence
-    first = torch.full((n,), -1, dtype=torch.long)
-    first[torch.from_numpy(present)] = torch.from_numpy(first_row).long()
-    missing = (first < 0).nonzero().flatten()
-    if missing.numel():
-        raise RuntimeError(
-            f"{missing.numel()} of {n} training videos are missing from the feature bank (e.g. "
-            f"index {int(missing[0])}); the bank loader must visit every training video."
-        )
-    return first
+#: Rows of the gathered bank index holding each video once (vidssl.distributed.unique_rows).
+_unique_rows = vdist.unique_rows

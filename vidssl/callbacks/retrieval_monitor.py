@@ -7,14 +7,15 @@ logged through whatever Lightning logger is in use.
 from __future__ import annotations
 
 import logging
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vidssl import distributed as vdist
-from vidssl.evaluation.retrieval import extract_features, recall_at_k
+from vidssl.evaluation.features import feature_pass
+from vidssl.evaluation.retrieval import recall_at_k
 
 __all__ = ["RetrievalMonitor"]
 
@@ -35,22 +36,6 @@ def _sharded(loader: DataLoader, rank: int, world: int) -> DataLoader:
         num_workers=loader.num_workers,
         collate_fn=loader.collate_fn,
     )
-
-
-def _gather_unique(
-    feats: torch.Tensor, labels: torch.Tensor, index: torch.Tensor, device: torch.device
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Gather every rank's rows and drop the repeats a DistributedSampler pads with."""
-    if vdist.is_distributed():
-        # The collective runs on the training device (NCCL needs CUDA tensors), results on CPU.
-        feats = vdist.all_gather_padded(feats.to(device)).cpu()
-        labels = vdist.all_gather_padded(labels.to(device)).cpu()
-        index = vdist.all_gather_padded(index.to(device)).cpu()
-    order = torch.argsort(index, stable=True)
-    index, feats, labels = index[order], feats[order], labels[order]
-    keep = torch.ones_like(index, dtype=torch.bool)
-    keep[1:] = index[1:] != index[:-1]
-    return feats[keep], labels[keep]
 
 
 class RetrievalMonitor(pl.Callback):
@@ -74,6 +59,13 @@ class RetrievalMonitor(pl.Callback):
             under the same protocol.
         features_from: compare ``"backbone"`` features or ``"projection"`` head outputs
             (SLIC's published numbers use its 128-d head's).
+
+    Attributes:
+        initial: ``{k: R@k}`` of the starting weights (``at_start``), else ``None``.
+        last: ``{k: R@k}`` of the latest measurement, ``None`` before the first.
+        history: every measurement after an epoch of this run, in order:
+            ``{"epoch": e, "recall": {k: R@k}}`` measured at the end of epoch ``e`` (not saved in
+            checkpoints).
     """
 
     def __init__(
@@ -98,6 +90,7 @@ class RetrievalMonitor(pl.Callback):
         self.features_from = features_from
         self.initial: Optional[dict] = None
         self.last: Optional[dict] = None
+        self.history: List[Dict[str, Any]] = []
         self._warned = False
 
     def _loaders(self, trainer: pl.Trainer) -> Optional[Tuple[Any, Any, Any]]:
@@ -112,7 +105,7 @@ class RetrievalMonitor(pl.Callback):
             except RuntimeError as err:  # no val videos configured
                 query, reason = None, str(err)
             if query is not None:
-                rank, world = trainer.global_rank, trainer.world_size
+                rank, world = vdist.rank_and_world(trainer)
                 gallery = dm.bank_dataloader(rank=rank, world_size=world)
                 return _sharded(query, rank, world), gallery, dm
         if not self._warned:
@@ -139,12 +132,13 @@ class RetrievalMonitor(pl.Callback):
         def augment(batch):
             return dm.augment(batch, train=False)
 
-        projection = self.features_from == "projection"
-        q, ql, qi = extract_features(pl_module, query, augment, projection, dtype=torch.float16)
-        g, gl, gi = extract_features(pl_module, gallery, augment, projection, dtype=torch.float16)
-        q, ql = _gather_unique(q, ql, qi, pl_module.device)
-        g, gl = _gather_unique(g, gl, gi, pl_module.device)
-        return recall_at_k(q.float().numpy(), ql.numpy(), g.float().numpy(), gl.numpy(),
+        # Features on the CPU in float16; every rank's share gathered, each video once.
+        kw = dict(projection=self.features_from == "projection", device=pl_module.device,
+                  dtype=torch.float16, gather=True)
+        q = feature_pass(pl_module, query, augment, **kw)
+        g = feature_pass(pl_module, gallery, augment, **kw)
+        return recall_at_k(q.features.float().numpy(), q.labels.numpy(),
+                           g.features.float().numpy(), g.labels.numpy(),
                            ks=self.ks, center=self.center)  # fmt: skip
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -165,6 +159,7 @@ class RetrievalMonitor(pl.Callback):
         if not recall:
             return
         self.last = recall
+        self.history.append({"epoch": trainer.current_epoch, "recall": dict(recall)})
         for k, v in recall.items():
             # Every rank holds the same value, so no sync is needed.
             pl_module.log(f"{self.prefix}R@{k}", v, on_step=False, on_epoch=True)

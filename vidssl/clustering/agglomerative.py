@@ -11,6 +11,9 @@ from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 
+from vidssl.clustering.metrics import relabel_by_first_occurrence
+from vidssl.clustering.neighbours import normalize_rows
+
 log = logging.getLogger(__name__)
 
 #: Linkages accepted by :func:`agglomerative` (scipy ``linkage`` methods).
@@ -90,8 +93,7 @@ def agglomerative(
     if n == 1:
         return np.zeros(1, dtype=np.int64), {"linkage": linkage, "memory_gb": need}
     if linkage == "ward" and metric == "cosine":
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x, metric = x / np.where(norms == 0, 1.0, norms), "euclidean"
+        x, metric = normalize_rows(x), "euclidean"
     t0 = time.perf_counter()
     tree = scipy_linkage(x, method=linkage, metric=metric)
     if num_clusters is not None:
@@ -100,13 +102,10 @@ def agglomerative(
         raw = fcluster(tree, t=num_clusters, criterion="maxclust")
     else:
         raw = fcluster(tree, t=distance_threshold, criterion="distance")
-    _, first, inverse = np.unique(raw, return_index=True, return_inverse=True)
-    order = np.empty(len(first), dtype=np.int64)
-    order[np.argsort(first)] = np.arange(len(first))
-    labels = order[inverse.ravel()]
+    labels = relabel_by_first_occurrence(raw)
     seconds = time.perf_counter() - t0
     log.info("agglomerative (%s): %d points -> %d clusters in %.2fs",
-             linkage, n, len(first), seconds)
+             linkage, n, int(labels.max()) + 1, seconds)
     return labels, {
         "linkage": linkage,
         "metric": metric,

@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 
+from vidssl.clustering.metrics import relabel_by_first_occurrence
 from vidssl.clustering.neighbours import first_neighbour_recall, first_neighbours, normalize_rows
 
 log = logging.getLogger(__name__)
@@ -61,10 +62,7 @@ def _components(nn: np.ndarray, keep: Optional[np.ndarray] = None) -> np.ndarray
     graph = sp.csr_matrix((np.ones(len(rows), dtype=np.int8), (rows, nn)), shape=(n, n))
     _, labels = connected_components(graph, directed=True, connection="weak")
     # Renumber by first occurrence so labels do not depend on the component search's order.
-    _, first = np.unique(labels, return_index=True)
-    order = np.empty(len(first), dtype=np.int64)
-    order[np.argsort(first)] = np.arange(len(first))
-    return order[labels]
+    return relabel_by_first_occurrence(labels)
 
 
 def cluster_means(x: np.ndarray, labels: np.ndarray, num: int) -> np.ndarray:
@@ -137,11 +135,7 @@ def merge_to_count(x: np.ndarray, labels: np.ndarray, target: int) -> np.ndarray
             nn[stale], nnd[stale] = nearest(stale)
         else:
             nnd[stale] = np.inf
-    merged = owner[labels]
-    _, first, inverse = np.unique(merged, return_index=True, return_inverse=True)
-    order = np.empty(len(first), dtype=np.int64)
-    order[np.argsort(first)] = np.arange(len(first))
-    return order[inverse.ravel()]
+    return relabel_by_first_occurrence(owner[labels])
 
 
 def finch(

@@ -8,6 +8,8 @@ from typing import Any, Dict, Tuple
 
 import numpy as np
 
+from vidssl.clustering.neighbours import normalize_rows
+
 log = logging.getLogger(__name__)
 
 
@@ -46,8 +48,7 @@ def kmeans(
     if not 1 <= num_clusters <= len(x):
         raise ValueError(f"num_clusters must be in [1, {len(x)}], got {num_clusters}")
     if spherical:
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        x = x / np.where(norms == 0, 1.0, norms)
+        x = normalize_rows(x)
     t0 = time.perf_counter()
     km = faiss.Kmeans(
         x.shape[1],

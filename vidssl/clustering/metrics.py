@@ -11,6 +11,17 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 
+def relabel_by_first_occurrence(labels: Any) -> np.ndarray:
+    """Renumber cluster ids ``0 .. K-1`` in the order each first appears: ``int64 N``.
+
+    Labels then do not depend on how a clustering method happened to number its clusters.
+    """
+    _, first, inverse = np.unique(np.asarray(labels), return_index=True, return_inverse=True)
+    order = np.empty(len(first), dtype=np.int64)
+    order[np.argsort(first)] = np.arange(len(first))
+    return order[inverse.ravel()]
+
+
 def _as_labels(labels: Any, name: str) -> np.ndarray:
     if hasattr(labels, "detach"):
         labels = labels.detach().cpu().numpy()

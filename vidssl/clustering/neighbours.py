@@ -126,9 +126,10 @@ def _torch_topk(
     import torch
     import torch.distributed as dist
 
+    from vidssl.distributed import rank_and_world
+
     n = xn.shape[0]
-    use_dist = distributed and dist.is_available() and dist.is_initialized()
-    rank, world = (dist.get_rank(), dist.get_world_size()) if use_dist else (0, 1)
+    rank, world = rank_and_world() if distributed else (0, 1)
     start, stop, per_rank = _rank_rows(n, rank, world)
     sims, idx = _torch_topk_rows(xn, start, stop, k, device, chunk_size)
     if world > 1:

@@ -13,16 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import Sampler
 
+from vidssl.distributed import rank_and_world
+
 __all__ = ["ClusterBatchSampler"]
 
 Pair = Tuple[int, int]
-
-
-def _dist_world() -> Tuple[int, int]:
-    """Return ``(num_replicas, rank)`` of the default process group, ``(1, 0)`` without one."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_world_size(), torch.distributed.get_rank()
-    return 1, 0
 
 
 class ClusterBatchSampler(Sampler[List[Pair]]):
@@ -170,7 +165,7 @@ class ClusterBatchSampler(Sampler[List[Pair]]):
     # -- sampling -----------------------------------------------------------------------------
 
     def _world(self) -> Tuple[int, int]:
-        world, rank = _dist_world()
+        rank, world = rank_and_world()
         world = self.num_replicas if self.num_replicas is not None else world
         rank = self.rank if self.rank is not None else rank
         if not 0 <= rank < world:

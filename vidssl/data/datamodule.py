@@ -28,6 +28,7 @@ from vidssl.data.dataset import (
 )
 from vidssl.data.index import VideoIndex, read_index
 from vidssl.data.sampling import TemporalTransform
+from vidssl.distributed import rank_and_world
 
 __all__ = ["VideoDataModule"]
 
@@ -512,7 +513,7 @@ class VideoDataModule(pl.LightningDataModule):
         # Sharded here rather than by Lightning, which is told to keep its hands off when a
         # batch sampler shards the training data itself (_keep_own_sampler).
         if world_size is None:
-            rank, world_size = _rank_and_world(self)
+            rank, world_size = rank_and_world(getattr(self, "trainer", None))
         if world_size > 1:
             sampler = DistributedSampler(
                 ds, num_replicas=world_size, rank=rank or 0, shuffle=False, drop_last=False
@@ -684,10 +685,3 @@ def _keep_own_sampler(trainer: pl.Trainer | None) -> None:
         connector.use_distributed_sampler = False
 
 
-def _rank_and_world(dm: pl.LightningDataModule) -> tuple[int, int]:
-    trainer = getattr(dm, "trainer", None)
-    if trainer is not None:
-        return trainer.global_rank, trainer.world_size
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1

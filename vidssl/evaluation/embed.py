@@ -23,6 +23,7 @@ from torch import nn
 
 from vidssl.data.augment import EvalTransform
 from vidssl.data.index import VIDEO_EXTENSIONS, split_list_line
+from vidssl.evaluation.features import check_features, video_features
 
 __all__ = [
     "ClipSettings",
@@ -383,21 +384,20 @@ def _encode(transform: nn.Module, encoder: nn.Module, videos: Sequence[Optional[
     video go through ``encoder.encode_motion`` (``"both"``: joined as
     :func:`vidssl.evaluation.retrieval.combine_features` says).
     """
-    from vidssl.evaluation.retrieval import combine_features
-
-    def clip_mean(encode: Callable, clips: List[torch.Tensor]) -> torch.Tensor:
-        feats = encode(torch.cat(clips)).float().split([len(c) for c in clips])
-        return torch.stack([f.mean(0) for f in feats])
-
-    rgb = motion = None
-    if features != "motion":
-        encode_rgb = getattr(encoder, "encode_rgb", None) or encoder
-        rgb = clip_mean(encode_rgb, [transform(v.to(device)) for v in videos])
-    if features != "rgb":
-        motion = clip_mean(encoder.encode_motion, [m.to(device) for m in motions or []])
-    if rgb is None:
-        return motion
-    return rgb if motion is None else combine_features(rgb, motion, combine)
+    rgb = [transform(v.to(device)) for v in videos] if features != "motion" else []
+    motion = [m.to(device) for m in motions or []] if features != "rgb" else []
+    groups = [range(len(videos))]
+    if len({len(c) for c in rgb + motion}) > 1:  # clip counts differ: one video at a time
+        groups = [[i] for i in range(len(videos))]
+    out = []
+    for group in groups:
+        # The batch contract: views[k] (and motion[k]) holds clip k of every video.
+        clips = {key: list(torch.stack([c[i] for i in group], 1)) if c else None
+                 for key, c in (("views", rgb), ("motion", motion))}
+        batch = {"views": clips["views"] or [None] * len(clips["motion"]),  # motion: K only
+                 "motion": dict(enumerate(clips["motion"] or []))}
+        out.append(video_features(encoder, batch, features, combine).float())
+    return torch.cat(out)
 
 
 def _collate(items: List[Tuple[int, Optional[torch.Tensor], Optional[torch.Tensor], str]]
@@ -548,18 +548,13 @@ def embed_videos(
     """
     from tqdm.auto import tqdm
 
-    from vidssl.evaluation.retrieval import (
-        _check_features,
-        _needs_motion_encoder,
-        describe_features,
-    )
+    from vidssl.evaluation.retrieval import describe_features
 
     out = Path(out_dir)
     videos = [str(v) for v in videos]
     if not videos:
         raise ValueError("no videos to embed")
-    _check_features(features, combine)
-    _needs_motion_encoder(encoder, features)
+    check_features(features, combine, encoder)
     if features != "rgb" and motion_reader is None:
         raise ValueError(f"features={features!r} needs a motion_reader (e.g. "
                          "MotionClipReader('flow', flow_dir)); `vidssl embed` takes --flow-dir")

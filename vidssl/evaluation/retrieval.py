@@ -12,9 +12,16 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 import faiss
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
+
+from vidssl.evaluation.features import (
+    COMBINE,
+    FEATURES,
+    check_features,
+    combine_features,
+    feature_pass,
+)
 
 __all__ = [
     "COMBINE",
@@ -26,6 +33,7 @@ __all__ = [
     "combine_features",
     "describe_features",
     "extract_features",
+    "format_recall_table",
     "recall_at_k",
     "topk_neighbours",
 ]
@@ -33,76 +41,12 @@ __all__ = [
 #: The ks every paper of the field reports (e.g. Xu et al. 2019 VCOP, CoCLR, SLIC).
 DEFAULT_KS: Tuple[int, ...] = (1, 5, 10, 20, 50)
 
-#: Which clips a video's feature is made of: its RGB clips, its motion fields, or both.
-FEATURES: Tuple[str, ...] = ("rgb", "motion", "both")
-#: How ``features="both"`` joins the two L2-normalised features of a video.
-COMBINE: Tuple[str, ...] = ("mean", "concat")
-
-
-def _check_features(features: str, combine: str) -> None:
-    if features not in FEATURES:
-        raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
-    if combine not in COMBINE:
-        raise ValueError(f"unknown combine {combine!r}; valid: {', '.join(COMBINE)}")
-
-
 def describe_features(features: str, combine: str = "mean") -> str:
     """Return how a video's feature was made from its modalities, for the protocol line."""
     if features != "both":
         return features
     how = "averaged" if combine == "mean" else "concatenated"
     return f"rgb+motion (each L2-normalised, then {how})"
-
-
-def combine_features(rgb: torch.Tensor, motion: torch.Tensor, combine: str = "mean"
-                     ) -> torch.Tensor:
-    """Join per-video RGB and motion features ``N x D`` into one, for ``features="both"``.
-
-    Each is L2-normalised first, so neither modality outweighs the other by its scale; then
-    ``"mean"`` averages them (``N x D``, needs equal ``D``) and ``"concat"`` concatenates them
-    (``N x (D + D')``): the cosine similarity of two concatenations is the mean of the two
-    modalities' cosine similarities (late fusion of the similarities).
-    """
-    rgb = F.normalize(rgb.float(), dim=1)
-    motion = F.normalize(motion.float(), dim=1)
-    if combine == "concat":
-        return torch.cat([rgb, motion], dim=1)
-    if rgb.shape != motion.shape:
-        raise ValueError(
-            f"combine='mean' needs RGB and motion features of one size, got {rgb.shape[1]} and "
-            f"{motion.shape[1]}; use combine='concat'"
-        )
-    return (rgb + motion) / 2
-
-
-def _clip_mean(encode: Any, clips: list, head: Optional[nn.Module]) -> torch.Tensor:
-    """Mean over the ``N`` clips of ``B`` videos (``N`` tensors ``B x ...``): ``B x D``."""
-    # All clips in one forward pass: N * B clips, then the mean over the N clips.
-    out = encode(torch.cat(clips, dim=0))
-    if head is not None:
-        out = head(out)
-    return out.view(len(clips), clips[0].shape[0], -1).mean(dim=0)
-
-
-def _needs_motion_encoder(model: nn.Module, features: str) -> None:
-    if features != "rgb" and not callable(getattr(model, "encode_motion", None)):
-        raise ValueError(
-            f"features={features!r} needs a model that encodes motion (encode_motion): a "
-            "ClusterTriplet trained with motion_prob > 0, a vidssl.backbones.SharedEncoder or "
-            f"TwoStream; {type(model).__name__} has none, use features='rgb'"
-        )
-
-
-def _motion_clips(batch: Dict[str, Any], num_clips: int) -> list:
-    motion = batch.get("motion")
-    have = sorted(motion) if isinstance(motion, dict) else []
-    if any(i not in have for i in range(num_clips)):
-        raise ValueError(
-            f"motion features need the motion field of every clip (positions 0..{num_clips - 1})"
-            f" in the eval batch, it has {have}; build the data module with motion='flow' "
-            "(and flow_dir), 'mv' or 'diff' and no motion_views"
-        )
-    return [motion[i] for i in range(num_clips)]
 
 
 #: Which clips represent a video (``evaluate_retrieval(protocol=...)``):
@@ -243,38 +187,13 @@ class RetrievalResult:
 
 def _eval_loader(datamodule: Any, split: str, num_clips: int):
     """Return a loader over ``split`` ("train" / "test"), ``num_clips`` uniform clips a video."""
-    # A data module that offers the loader itself wins (one place for its dataset knobs).
     maker = getattr(datamodule, "eval_dataloader", None)
-    if callable(maker):
-        return maker(split, num_clips=num_clips)
-    from vidssl.data import VideoDataset, collate_eval_videos
-
-    datamodule.setup("fit")
-    source = datamodule.train_dataset if split == "train" else datamodule.test_dataset
-    if source is None:
-        raise RuntimeError(
-            f"the data module has no {split} videos; pass VideoDataModule({split}=...) "
-            "(UCF101 / HMDB51 layouts take the test split from the official lists)"
+    if not callable(maker):
+        raise TypeError(
+            f"retrieval needs a data module with eval_dataloader(split, num_clips), "
+            f"{type(datamodule).__name__} has none; use vidssl.data.VideoDataModule"
         )
-    dm = datamodule
-    ds = VideoDataset(
-        source.index,
-        clip_len=dm.clip_len,
-        stride=dm.stride,
-        mode="eval",
-        num_clips=num_clips,
-        short_side=dm.short_side or dm.crop_size,
-        backend=dm.backend,
-        decode_threads=dm.decode_threads,
-        on_error=dm.eval_on_error,
-    )
-    return DataLoader(
-        ds,
-        batch_size=dm.eval_batch_size,
-        shuffle=False,
-        num_workers=dm.num_workers,
-        collate_fn=collate_eval_videos,
-    )
+    return maker(split, num_clips=num_clips)
 
 
 @torch.no_grad()
@@ -311,45 +230,12 @@ def extract_features(
         combine: ``"mean"`` or ``"concat"`` (``features="both"`` only).
 
     Returns:
-        ``(features N x D on the CPU, labels N, dataset indices N)``.
+        ``(features N x D on the CPU, labels N, dataset indices N)``, as
+        :func:`vidssl.evaluation.features.feature_pass` makes them.
     """
-    _check_features(features, combine)
-    _needs_motion_encoder(model, features)
-    encode_rgb = getattr(model, "encode_rgb", None) or model
-    if progress is not None:
-        from tqdm.auto import tqdm
-
-        loader = tqdm(loader, desc=progress, unit="batch")
-    was_training = model.training
-    model.eval()
-    device = device or next(model.parameters()).device
-    feats, labels, indices = [], [], []
-    try:
-        for batch in loader:
-            batch = dict(batch)
-            batch["views"] = [v.to(device) for v in batch["views"]]
-            if features != "rgb" and isinstance(batch.get("motion"), dict):
-                batch["motion"] = {k: v.to(device) for k, v in batch["motion"].items()}
-            if augment is not None:
-                batch = augment(batch)
-            views = batch["views"]
-            head = model.projection if projection else None
-            if features == "rgb":
-                out = _clip_mean(encode_rgb, views, head)
-            elif features == "motion":
-                out = _clip_mean(model.encode_motion, _motion_clips(batch, len(views)), head)
-            else:
-                out = combine_features(
-                    _clip_mean(encode_rgb, views, head),
-                    _clip_mean(model.encode_motion, _motion_clips(batch, len(views)), head),
-                    combine,
-                )
-            feats.append(out.to("cpu", dtype))
-            labels.append(torch.as_tensor(batch["label"]).cpu())
-            indices.append(torch.as_tensor(batch["index"]).cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(feats), torch.cat(labels), torch.cat(indices)
+    out = feature_pass(model, loader, augment, projection=projection, features=features,
+                       combine=combine, device=device, dtype=dtype, progress=progress)
+    return out.features, out.labels, out.index
 
 
 def evaluate_retrieval(
@@ -391,8 +277,7 @@ def evaluate_retrieval(
         raise ValueError(f"unknown retrieval protocol {protocol!r}; choose one of "
                          f"{', '.join(PROTOCOLS)}")
     slic = protocol == "slic_evaluate"
-    _check_features(features, combine)
-    _needs_motion_encoder(model, features)
+    check_features(features, combine, model)
     if features != "rgb" and not getattr(datamodule, "motion_channels", 0):
         raise ValueError(
             f"features={features!r} needs motion fields in the eval batches but the data module "
@@ -427,3 +312,21 @@ def evaluate_retrieval(
         modality=describe_features(features, combine),
         protocol=protocol,
     )
+
+
+def format_recall_table(results: Dict[str, RetrievalResult]) -> str:
+    """Format ``{name: RetrievalResult}`` as a table of R@k in percent, protocol line first."""
+    first = next(iter(results.values()))
+    ks = list(first.recall)
+    width = max(8, *(len(n) for n in results))
+    lines = [
+        f"retrieval protocol: {first.num_queries} test videos query {first.num_gallery} "
+        f"training videos; {first.clips}; {first.feature} "
+        f"features of {first.modality}"
+        f"{', mean-centred' if first.center else ''}; {first.similarity}; a query "
+        "counts at k when one of its k nearest training videos has its class",
+        f"{'model':<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in ks),
+    ]
+    for name, r in results.items():
+        lines.append(f"{name:<{width}} " + " ".join(f"{100 * r.recall[k]:>6.1f}" for k in ks))
+    return "\n".join(lines)
