@@ -253,6 +253,8 @@ def test_resume_restores_prototypes_queue_and_assignments_bit_for_bit(tmp_path):
     full_losses = fit(full, tmp_path)
     first = next(tmp_path.glob("epoch=0-*.ckpt"))
     assert "goca_assignments" in torch.load(first, weights_only=False)
+    loaded = GOCA.load_from_checkpoint(first).assignments()  # the record after epoch 0
+    assert loaded.epoch == 0 and (loaded.labels >= 0).sum() == 12
     resumed = _resumable()
     torch.rand(1000)  # another global RNG state (same seed) must not matter (clips' windows)
     resumed_losses = fit(resumed, tmp_path / "resumed", ckpt_path=str(first))

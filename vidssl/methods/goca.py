@@ -314,29 +314,49 @@ class GOCA(VideoSSLMethod):
 
     Args:
         backbone: zoo name of both streams (the motion one with ``motion_channels`` inputs).
-        backbone_kwargs, weights: as ``VideoSSLMethod``; ``weights`` load into both streams
-            (TSN cross-modality stem for motion, :func:`vidssl.backbones.build_two_stream`).
+        backbone_kwargs: extra arguments for ``vidssl.backbones.build`` (e.g. ``width_mult``).
+        weights: weights for both streams (the motion stem by TSN's cross-modality
+            initialisation, as :func:`vidssl.backbones.build_two_stream`).
         motion_channels: channels of ``batch["motion"]`` (2: flow / motion vectors; 3: diff).
-        num_prototypes: ``K`` (``nmb_prototypes`` 1000).
-        temperature: softmax temperature of the predictions (0.1).
-        epsilon, sinkhorn_iterations: Sinkhorn regularisation and rounds (0.05, 3).
+        num_prototypes: number of prototypes ``K`` (``nmb_prototypes`` 1000).
+        temperature: softmax temperature of the predictions (``temperature`` 0.1).
+        epsilon: Sinkhorn entropic regularisation (``epsilon`` 0.05).
+        sinkhorn_iterations: Sinkhorn-Knopp rounds (``sinkhorn_iterations`` 3).
         prior_epsilon: weight of the cross-modal prior (``epsilon2`` 0.01).
         prior_cycles: guided recomputations per step (``sinkhorn_cycle``: the code's default 1;
-            2 was also implemented there).
+            the code also implements 2); 0 turns the prior off.
         prior_start_epoch: first epoch with the prior (``video_modal_merge_start`` 100).
-        prior_sign: ``"kl"`` or ``"official"`` (see :func:`sinkhorn`).
-        num_short_clips: short clips per sample (4).
+        prior_sign: ``"kl"`` (pull toward the other modality) or ``"official"`` (the code's
+            sign, which pushes away); see :func:`sinkhorn`.
+        num_short_clips: short clips per sample (``nmb_temporal_samples`` 2,4: 4).
         short_frames: frames per short clip; ``None``: half of the long clips' (32 -> 16).
-        short_clips_from: ``"views"`` or ``"long"`` (above).
+        short_clips_from: ``"views"`` (a window of an extra view per short clip) or ``"long"``
+            (windows of the two long views).
         share_head: one head for both modalities (``share_proj_head``, default False).
-        prototypes: ``"frozen"`` or ``"learned"``.
-        prototype_steps, prototype_seed: of :func:`hyperspherical_prototypes` (50000, 300).
+        prototypes: ``"frozen"`` (spread beforehand, never trained; ``use_precomp_prot``) or
+            ``"learned"`` (trained with the separation loss).
+        prototype_steps: gradient steps of :func:`hyperspherical_prototypes` (50000).
+        prototype_seed: seed of :func:`hyperspherical_prototypes` (``prots/prototypes.py`` 300).
         separation_weight: weight of the separation loss for learned prototypes (1).
-        freeze_prototypes_epochs: epochs without prototype updates when learned (1).
-        queue_length, queue_start_epoch: see above (0, 10).
-        proj_hidden_dim, proj_output_dim, proj_num_layers, proj_batch_norm: the heads (2048,
-            128, 3, BN).
-        optimizer, lr, ...: as ``VideoSSLMethod``.
+        freeze_prototypes_epochs: epochs without prototype updates when learned
+            (``freeze_prototypes_epoch`` 1).
+        queue_length: embeddings kept from earlier batches, over all ranks; 0 = no queue
+            (``queue_length`` 0).
+        queue_start_epoch: first epoch that fills the queue (``epoch_queue_starts`` 10).
+        proj_hidden_dim: hidden width of both heads (``hidden_mlp`` 2048).
+        proj_output_dim: embedding size ``d`` (``emedding_dim`` 128).
+        proj_num_layers: linear layers of each head (3).
+        proj_batch_norm: BatchNorm1d in the hidden layers of the heads.
+        optimizer: ``"lars"`` (official LARC), ``"sgd"`` or ``"adamw"``.
+        lr: peak learning rate; the official ``0.15 * sqrt(global batch)``.
+        weight_decay: weight decay (1e-4).
+        momentum: SGD / LARS momentum (0.9).
+        exclude_bias_and_norm: no decay or LARS adaptation for biases and norms (False: LARC
+            adapts every parameter).
+        lars_eta: LARS trust coefficient (LARC ``trust_coefficient`` 0.001).
+        warmup_epochs: linear warm-up epochs (``warmup_epochs`` 10).
+        lr_schedule: ``"cosine"`` (official) or ``"constant"``.
+        min_lr_ratio: final lr as a fraction of ``lr`` (``final_lr`` 0.0048 / 1.2).
     """
 
     motion_option = "GOCA reads the motion of every clip"
