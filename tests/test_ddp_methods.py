@@ -28,6 +28,7 @@ def _worker(rank, tmp):
         "collectives": _collectives(rank),
         "simclr": _simclr(rank),
         "moco": _moco(rank),
+        "goca": _goca_sinkhorn(rank),
     }
     torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
     _exit_together(rank, tmp)
@@ -156,3 +157,39 @@ def test_moco_queue_identical_on_both_ranks(ranks):
     new = out[0]["queue"][: WORLD * B]
     torch.testing.assert_close(new.norm(dim=1), torch.ones(WORLD * B))
     assert not torch.allclose(new[:B], new[B:])
+
+
+def _goca_scores():
+    g = torch.Generator().manual_seed(5)
+    # Unequal shares (rank 0 also holds GOCA's queue rows): 7 rows on rank 0, 4 on rank 1.
+    return torch.rand(11, 6, generator=g) * 2 - 1, torch.rand(11, 6, generator=g) * 2 - 1
+
+
+def _goca_sinkhorn(rank):
+    from vidssl.methods.goca import guided_codes, sinkhorn
+
+    rgb, motion = _goca_scores()
+    rows = slice(0, 7) if rank == 0 else slice(7, 11)
+    return {
+        "plain": sinkhorn(rgb[rows], iterations=3),
+        "converged": sinkhorn(rgb[rows], iterations=300),
+        "guided": guided_codes(rgb[rows], motion[rows], cycles=2),
+    }
+
+
+def test_goca_sinkhorn_across_ranks_equals_one_process_on_the_concatenated_rows(ranks):
+    from vidssl.methods.goca import guided_codes, sinkhorn
+
+    out = [r["goca"] for r in ranks]
+    rgb, motion = _goca_scores()
+    plain = torch.cat([o["plain"] for o in out])
+    torch.testing.assert_close(plain, sinkhorn(rgb, iterations=3))
+    torch.testing.assert_close(plain.sum(dim=1), torch.ones(11))
+    # each prototype's total over both ranks -> 11 / 6; a rank alone is far from its share
+    converged = torch.cat([o["converged"] for o in out])
+    torch.testing.assert_close(converged.sum(dim=0), torch.full((6,), 11 / 6), atol=1e-3,
+                               rtol=1e-3)
+    assert (sinkhorn(rgb[:7], iterations=3) - plain[:7]).abs().max() > 1e-3
+    for i in range(2):
+        guided = torch.cat([o["guided"][i] for o in out])
+        torch.testing.assert_close(guided, guided_codes(rgb, motion, cycles=2)[i])

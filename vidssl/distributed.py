@@ -15,6 +15,7 @@ import torch.distributed as dist
 __all__ = [
     "all_gather",
     "all_gather_padded",
+    "all_reduce",
     "broadcast",
     "gather_unique",
     "gather_with_grad",
@@ -145,6 +146,19 @@ def all_gather_padded(tensor: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded)
     return torch.cat([part[:n] for part, n in zip(out, counts)], dim=0)
+
+
+def all_reduce(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """Reduce ``tensor`` over every rank in place (``op``: ``"sum"`` or ``"max"``), no gradient.
+
+    Every rank must pass a tensor of the same shape and dtype; every rank ends with the reduced
+    value. The identity without a process group. Returns ``tensor`` for chaining.
+    """
+    if op not in ("sum", "max"):
+        raise ValueError(f"unknown all_reduce op {op!r}; valid: sum, max")
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
 
 
 def broadcast(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:

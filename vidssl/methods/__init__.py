@@ -28,5 +28,6 @@ __all__ = [
 
 from vidssl.methods.cluster_contrast import ClusterContrast  # noqa: E402
 from vidssl.methods.cluster_triplet import ClusterTriplet  # noqa: E402
+from vidssl.methods.goca import GOCA  # noqa: E402
 
-__all__ += ["ClusterContrast", "ClusterTriplet"]
+__all__ += ["ClusterContrast", "ClusterTriplet", "GOCA"]
