@@ -277,6 +277,13 @@ def test_assignments_read_as_a_pseudo_label_state():
     state = PseudoLabelState.from_dict(m.assignments().to_dict())
     assert (state.labels[:4] == -1).all() and (state.labels[4:] >= 0).all()
     assert state.labels.max() < 12 and state.epoch == 0
+    # GOCA is a labeller of the pseudo-label contract, like the PseudoLabels callback.
+    from vidssl.callbacks import PseudoLabels
+    from vidssl.pseudo_labels import PseudoLabelSource
+
+    assert isinstance(m, PseudoLabelSource) and isinstance(PseudoLabels(), PseudoLabelSource)
+    assert isinstance(m.pseudo_label_state, PseudoLabelState)
+    assert "Sinkhorn" in m.pseudo_label_state.provenance
 
 
 # ------------------------------------------------------------------------------- training

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Sequence, Tuple, Union
 
@@ -19,10 +18,10 @@ from torch import nn
 from vidssl import distributed as vdist
 from vidssl.methods.base import ConfigError, VideoSSLMethod
 from vidssl.methods.queue import KeyQueue
+from vidssl.pseudo_labels import PseudoLabelState
 
 __all__ = [
     "GOCA",
-    "OnlineAssignments",
     "guided_codes",
     "hyperspherical_prototypes",
     "prototype_separation_loss",
@@ -204,32 +203,6 @@ def hyperspherical_prototypes(
         torch.save(out, tmp)
         os.replace(tmp, path)
     return out
-
-
-# ----------------------------------------------------------------------------- assignments
-@dataclass
-class OnlineAssignments:
-    """Each training video's latest cluster (argmax code), in the pseudo-label state's format.
-
-    The online counterpart of ``vidssl.callbacks.PseudoLabelState``: ``labels[i]`` is the
-    prototype the video at dataset index ``i`` was last assigned to (``-1``: not seen yet),
-    ``keys`` the videos' identities when the data module gives them (``train_video_ids``), else
-    ``None``; ``epoch`` the epoch of the latest update (``-1``: none). :meth:`to_dict` has the
-    keys of ``PseudoLabelState.to_dict`` (``labels``, ``keys``, ``labels_epoch``), so
-    ``PseudoLabelState.from_dict(goca.assignments().to_dict())`` reads it.
-    """
-
-    labels: np.ndarray
-    keys: Optional[np.ndarray]
-    epoch: int
-
-    def to_dict(self) -> Dict[str, Any]:
-        """``{"labels": LongTensor N, "keys": list of N str or None, "labels_epoch": int}``."""
-        return {
-            "labels": torch.from_numpy(np.asarray(self.labels, dtype=np.int64).copy()),
-            "keys": None if self.keys is None else [str(k) for k in self.keys],
-            "labels_epoch": int(self.epoch),
-        }
 
 
 # ----------------------------------------------------------------------------- the method
@@ -656,12 +629,19 @@ class GOCA(VideoSSLMethod):
         self._labels[index] = labels
         self._labels_epoch = int(self.current_epoch)
 
-    def assignments(self) -> OnlineAssignments:
-        """Return each training video's latest cluster, keyed like ``PseudoLabelState``.
+    @property
+    def pseudo_label_state(self) -> Optional[PseudoLabelState]:
+        """Each training video's latest cluster (argmax code): GOCA as a labeller.
 
-        ``labels`` has one entry per training video when the data module gives
-        ``train_video_ids`` (then ``keys`` holds them), else up to the largest index seen.
+        The ``vidssl.pseudo_labels.PseudoLabelSource`` side of the contract, the same state the
+        ``PseudoLabels`` callback exposes, so diagnostics and plots read both kinds alike:
+        ``labels[i]`` is the prototype the video at dataset index ``i`` was last assigned to
+        (``-1``: not seen yet), ``keys`` the videos' identities when the data module gives them
+        (``train_video_ids``, then one label per training video), ``epoch`` the epoch of the
+        latest update. ``None`` before any step.
         """
+        if self._labels_epoch < 0:
+            return None
         labels = self._labels.numpy().copy()
         ids = getattr(self._datamodule(), "train_video_ids", None)
         keys = None
@@ -671,7 +651,12 @@ class GOCA(VideoSSLMethod):
             n = min(len(keys), len(labels))
             full[:n] = labels[:n]
             labels = full
-        return OnlineAssignments(labels, keys, self._labels_epoch)
+        return PseudoLabelState(labels, keys, self._labels_epoch,
+                                "online Sinkhorn codes (argmax of the long clips' mean code, RGB and motion)")
+
+    def assignments(self) -> Optional[PseudoLabelState]:
+        """Return :attr:`pseudo_label_state` (each training video's latest cluster)."""
+        return self.pseudo_label_state
 
     def on_save_checkpoint(self, checkpoint: Dict[str, Any]) -> None:
         """Save the assignment record (``checkpoint["goca_assignments"]``)."""
