@@ -410,6 +410,9 @@ def test_augmentation_is_configurable_from_yaml(tmp_path, tiny_video_root):
     aug = cli.datamodule.train_augmentation
     assert isinstance(aug, VideoAugmentation) and aug.crop_size == 32
     assert aug.flip_p == 0.0 and tuple(aug.scale) == (0.4, 1.0)
+    # checkpoints keep its settings as plain values (readable with weights_only=True)
+    saved = cli.datamodule.hparams["train_augmentation"]
+    assert saved["init_args"]["flip_p"] == 0.0 and saved["init_args"]["scale"] == [0.4, 1.0]
     data["data"]["init_args"]["train_augmentation"]["init_args"]["crop_size"] = 48
     cfg.write_text(yaml.safe_dump(data))
     assert main(["fit", "--config", str(cfg)]) == 2  # a crop that disagrees: one-line error

@@ -145,3 +145,17 @@ def test_demo_writes_everything_it_announces(tmp_path):
     assert set(out["history"][0]) == {"epoch", "R@1"}
     assert all("R@1" in r and "NMI" in r for r in out["history"][1:])
     assert len(SearchIndex.load(res / "index")) == 24
+
+
+@pytest.mark.slow
+def test_demo_trains_goca_with_frame_differences(tmp_path):
+    """`vidssl demo --method GOCA` works: RGB + frame differences, online clustering."""
+    from vidssl.cli import main
+
+    out = tmp_path / "out"
+    assert main(["demo", "-o", str(out), "--cache-dir", str(tmp_path / "c"), "--method", "GOCA",
+                 "--epochs", "2", "--videos-per-class", "4", "--width-mult", "0.0625",
+                 "--num-workers", "0"]) == 0
+    table = (out / "retrieval.txt").read_text()
+    assert "GOCA (2 epochs)" in table and "random init" in table
+    assert (out / "model.ckpt").stat().st_size > 0

@@ -834,13 +834,13 @@ def _run_flow(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------- demo
 def _add_demo(p: argparse.ArgumentParser) -> None:
-    from vidssl.demo import DemoSettings
+    from vidssl.demo import DEMO_METHODS, DemoSettings
 
     d = DemoSettings()
     p.add_argument("-o", "--output", default=d.out_dir, help=f"results folder ({d.out_dir})")
     p.add_argument("--cache-dir", default=d.cache_dir,
                    help="where the synthetic videos are generated (reused)")
-    p.add_argument("--method", default=d.method, choices=("ClusterTriplet", "SimCLR"))
+    p.add_argument("--method", default=d.method, choices=DEMO_METHODS)
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--videos-per-class", type=int, default=d.videos_per_class)
     p.add_argument("--width-mult", type=float, default=d.width_mult)

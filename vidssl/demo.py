@@ -28,7 +28,8 @@ class DemoSettings:
     Args:
         out_dir: where results go (checkpoint, table, pictures, index).
         cache_dir: where the synthetic collection is generated (reused when present).
-        method: ``"ClusterTriplet"`` (SLIC, the default) or ``"SimCLR"``.
+        method: ``"ClusterTriplet"`` (SLIC, the default), ``"SimCLR"`` or ``"GOCA"`` (RGB and
+            frame differences, online clustering).
         epochs: pretraining epochs.
         videos_per_class: videos of each of the 6 motion classes.
         width_mult: backbone width (R3D-18 channels x ``width_mult``).
@@ -178,17 +179,36 @@ def _plot_results(queries: List[str], hits: List[List[Any]], class_of, path: Pat
     plt.close(fig)
 
 
+#: Methods ``vidssl demo --method`` trains.
+DEMO_METHODS = ("ClusterTriplet", "SimCLR", "GOCA")
+
+
+def _motion_settings(model: Any) -> Dict[str, Any]:
+    """Data-module settings of a method that reads motion (GOCA): frame differences."""
+    views = tuple(getattr(model, "motion_views", ()) or ())
+    return {"motion": "diff", "motion_views": list(views)} if views else {}
+
+
 def _build_method(s: DemoSettings):
     """Return the demo's method and whether it is cluster-guided (needs PseudoLabels)."""
     from vidssl import methods
 
-    if s.method not in ("ClusterTriplet", "SimCLR"):
-        raise ValueError(f"unknown demo method {s.method!r}; choose ClusterTriplet or SimCLR")
+    if s.method not in DEMO_METHODS:
+        raise ValueError(f"unknown demo method {s.method!r}; choose one of "
+                         f"{', '.join(DEMO_METHODS)}")
     common = dict(backbone="r3d_18", backbone_kwargs={"width_mult": s.width_mult},
                   optimizer="adamw", lr=s.lr, weight_decay=1e-4, lr_schedule="cosine")
     if s.method == "ClusterTriplet":
         # A smaller head than SLIC's 2048 hidden units for the CPU.
         return methods.ClusterTriplet(proj_hidden_dim=128, **common), True
+    if s.method == "GOCA":
+        # Frame differences as the motion view (made on the device: nothing to precompute), 30
+        # prototypes for a few hundred clips (the paper's 1000 are for Kinetics), short clips
+        # cut from the long ones, the cross-view prior from the middle of training.
+        return methods.GOCA(motion_channels=3, num_prototypes=30, prototype_steps=2000,
+                            prior_start_epoch=max(1, s.epochs // 2), num_short_clips=2,
+                            short_clips_from="long", proj_hidden_dim=128, warmup_epochs=0.0,
+                            **common), False
     return methods.SimCLR(**common), False
 
 
@@ -220,7 +240,7 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
     dm = VideoDataModule(
         train=str(root), format="ucf101", clip_len=s.clip_len, stride=2,
         short_side=s.crop_size, crop_size=s.crop_size, train_augmentation=augmentation,
-        views=list(model.views),
+        views=list(model.views), **_motion_settings(model),
         batch_size=s.batch_size, eval_num_clips=s.num_clips, num_workers=s.num_workers,
         persistent_workers=s.num_workers > 0, cache_dir=str(Path(s.cache_dir) / "manifests"),
     )

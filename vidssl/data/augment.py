@@ -158,11 +158,21 @@ class VideoAugmentation(nn.Module):
         self.jitter, self.jitter_p, self.grayscale_p = tuple(jitter), jitter_p, grayscale_p
         self.blur_p, self.blur_kernel, self.blur_sigma = blur_p, blur_kernel, tuple(blur_sigma)
         self.cpu_chunk = cpu_chunk
+        self._settings = dict(
+            crop_size=crop_size, scale=list(scale), ratio=list(ratio), flip_p=flip_p,
+            jitter=list(jitter), jitter_p=jitter_p, grayscale_p=grayscale_p, blur_p=blur_p,
+            blur_kernel=blur_kernel, blur_sigma=list(blur_sigma), mean=list(mean), std=list(std),
+            cpu_chunk=cpu_chunk,
+        )
         self.spatial = K.VideoSequential(*ops, data_format="BTCHW", same_on_frame=True)
         self.normalise = _Normalise(mean, std)
         # The ops a motion field shares with its RGB clip: the geometric ones (crop, flip).
         geometric = ops[: 1 + (flip_p > 0)]
         self._geometric = [f"{type(op).__name__}_{k}" for k, op in enumerate(geometric)]
+
+    def settings(self) -> dict:
+        """Return the constructor's arguments as plain values (what a config would hold)."""
+        return {"class_path": "vidssl.data.VideoAugmentation", "init_args": dict(self._settings)}
 
     def _chunks(self, clips: torch.Tensor) -> int:
         on_cpu = clips.device.type == "cpu"

@@ -164,7 +164,11 @@ class VideoDataModule(pl.LightningDataModule):
         motion_views: list[int] | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # The augmentation object itself would make checkpoints unreadable with
+        # torch.load(weights_only=True): its settings are kept as plain values instead.
+        self.save_hyperparameters(ignore=["train_augmentation"])
+        if train_augmentation is not None:
+            self.hparams["train_augmentation"] = train_augmentation.settings()
         self.train_source, self.val_source, self.test_source = train, val, test
         self.format = format
         self.split = split

@@ -651,8 +651,9 @@ class GOCA(VideoSSLMethod):
             n = min(len(keys), len(labels))
             full[:n] = labels[:n]
             labels = full
-        return PseudoLabelState(labels, keys, self._labels_epoch,
-                                "online Sinkhorn codes (argmax of the long clips' mean code, RGB and motion)")
+        return PseudoLabelState(
+            labels, keys, self._labels_epoch,
+            "online Sinkhorn codes (argmax of the long clips' mean code, RGB and motion)")
 
     def assignments(self) -> Optional[PseudoLabelState]:
         """Return :attr:`pseudo_label_state` (each training video's latest cluster)."""
