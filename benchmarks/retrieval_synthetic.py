@@ -31,13 +31,14 @@ import time
 import warnings
 from typing import Optional
 
+import numpy as np
 import pytorch_lightning as pl
 import torch
 
 from vidssl.callbacks import PseudoLabels
 from vidssl.data import VideoAugmentation, VideoDataModule, write_synthetic_dataset
 from vidssl.evaluation import evaluate_retrieval
-from vidssl.methods import ClusterContrast, ClusterTriplet, MoCo, SimCLR
+from vidssl.methods import GOCA, ClusterContrast, ClusterTriplet, MoCo, SimCLR
 
 warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -104,6 +105,17 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         if source == "flow":
             dm_kw["flow_dir"] = args.flow_dir
         return method, [labels], dm_kw
+    if name == "goca":
+        # GOCA on RGB and stored flow, scaled down for a few hundred short clips: --goca-prototypes
+        # prototypes (the paper's 1000 are for Kinetics), short clips cut from the long ones, the
+        # cross-view prior from the middle of training (the official start is epoch 100 of 600).
+        method = GOCA(motion_channels=2, num_prototypes=args.goca_prototypes,
+                      prototype_steps=2000, prior_start_epoch=max(1, args.epochs // 2),
+                      num_short_clips=2, short_clips_from="long", proj_hidden_dim=128,
+                      warmup_epochs=0.0, **_optim(args), **_backbone(args))  # fmt: skip
+        dm_kw = {"views": list(method.views), "motion": "flow", "flow_dir": args.flow_dir,
+                 "motion_views": list(method.motion_views)}
+        return method, [_SourceNMI()], dm_kw
     if name == "cluster_contrast":
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
@@ -127,6 +139,30 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
     raise SystemExit(f"unknown method {name!r}; valid: simclr, simclr_cvrl, simclr_videosimclr, "
                      "moco, slic, slic_flow, slic_mv, slic_diff, cluster_contrast, "
                      "or A+B (A for --start-epoch epochs, then B from its backbone)")
+
+
+class _SourceNMI(pl.Callback):
+    """Records, after every epoch, the NMI against the classes of a labeller's state.
+
+    For a method that is its own labeller (GOCA: ``pseudo_label_state``, the pseudo-label
+    contract's ``PseudoLabelSource``), in the rows of the ``PseudoLabels`` history.
+    """
+
+    def __init__(self) -> None:
+        self.history: list = []
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        from vidssl.clustering import clustering_metrics
+
+        state = pl_module.pseudo_label_state
+        truth = trainer.datamodule.train_labels
+        if state is None:
+            return
+        seen = state.labels >= 0
+        m = clustering_metrics(state.labels[seen], truth[seen], ami=True)
+        m.update(epoch=trainer.current_epoch, num_clusters=int(len(set(state.labels[seen]))),
+                 size_max=int(max(np.bincount(state.labels[seen]))))
+        self.history.append(m)
 
 
 def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
@@ -187,6 +223,7 @@ def main() -> None:
                     "apart, re-augmented anchors) replaced by motion (SLIC: 0.25)")
     ap.add_argument("--motion-input", choices=("x3", "xy"), default="x3",
                     help="slic_*: motion through the RGB stem (x3, SLIC's) or its own stem (xy)")
+    ap.add_argument("--goca-prototypes", type=int, default=30, help="goca: prototypes K")
     ap.add_argument("--flow-method", default="dis",
                     help="slic_flow: how `vidssl flow` computes the flow (tvl1, dis, farneback)")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
@@ -226,7 +263,7 @@ def main() -> None:
                                 num_frames=args.frames, seed=args.data_seed, width=args.size,
                                 height=args.size, appearance=args.appearance)  # fmt: skip
     args.flow_dir = os.path.join(root, f"flow_{args.flow_method}")
-    if any(m.split("+")[-1] == "slic_flow" for m in args.methods):
+    if any(m.split("+")[-1] in ("slic_flow", "goca") for m in args.methods):
         from vidssl.data.flow import flow_dataset
 
         t0 = time.perf_counter()
@@ -268,7 +305,7 @@ def main() -> None:
         res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips)
         rows.append((name, minutes, res))
         for cb in callbacks:
-            if isinstance(cb, PseudoLabels):
+            if isinstance(cb, (PseudoLabels, _SourceNMI)):
                 histories[name] = cb.history
         print(f"{name}: R@1 {res.recall[1]:.3f} after {minutes:.1f} min", flush=True)
 
