@@ -291,6 +291,14 @@ def main() -> None:
         # After a pretraining stage, clustering starts at once (pseudo-labels from its weights).
         method, callbacks, dm_kw = _build(second, args, start_epoch=0 if first else None)
         minutes = 0.0
+        starts = []
+        if dm_kw.get("motion"):  # its own starting weights on motion: the baseline to beat there
+            eval_dm = _datamodule(root, args, motion=dm_kw["motion"],
+                                  flow_dir=dm_kw.get("flow_dir"))  # fmt: skip
+            for features in ("motion", "both"):
+                start = evaluate_retrieval(method, eval_dm, num_clips=args.num_clips,
+                                           features=features)  # fmt: skip
+                starts.append((f"{name} [{features}, start]", 0.0, start))
         if name != "random":
             epochs = args.epochs
             if first:
@@ -304,6 +312,15 @@ def main() -> None:
             minutes += _fit(method, callbacks, _datamodule(root, args, **dm_kw), epochs)
         res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips)
         rows.append((name, minutes, res))
+        rows.extend(starts)
+        if dm_kw.get("motion"):  # a motion-trained encoder: also retrieve by motion, and both
+            eval_dm = _datamodule(root, args, motion=dm_kw["motion"],
+                                  flow_dir=dm_kw.get("flow_dir"))  # fmt: skip
+            for features in ("motion", "both"):
+                extra = evaluate_retrieval(method, eval_dm, num_clips=args.num_clips,
+                                           features=features)  # fmt: skip
+                rows.append((f"{name} [{features}]", 0.0, extra))
+                print(f"{name} [{features}]: R@1 {extra.recall[1]:.3f}", flush=True)
         for cb in callbacks:
             if isinstance(cb, (PseudoLabels, _SourceNMI)):
                 histories[name] = cb.history
