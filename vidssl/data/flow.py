@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -417,7 +418,10 @@ def flow_dataset(
             jobs.append((video, rel, str(out), kwargs))
     _save_manifest(dst, manifest)
     show = progress if progress is not None else len(jobs) > 1
-    pool = ProcessPoolExecutor(workers) if workers > 1 and len(jobs) > 1 else None
+    # Spawned, not forked: a forked child inherits FFmpeg's and OpenCV's locks and thread pools
+    # in whatever state the parent's threads left them, and can hang in its first decode.
+    pool = (ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            if workers > 1 and len(jobs) > 1 else None)
     done: Iterable[tuple[FlowResult, dict]]
     if pool is None:
         done = map(_one, jobs)

@@ -7,6 +7,7 @@ take decord's fast random-access path. Frame count and frame order are preserved
 from __future__ import annotations
 
 import logging
+import multiprocessing
 import os
 import shutil
 from concurrent.futures import ProcessPoolExecutor
@@ -179,7 +180,9 @@ def transcode_dataset(
         done: Iterable[TranscodeResult] = map(_one, jobs)
         pool = None
     else:
-        pool = ProcessPoolExecutor(num_workers)
+        # Spawned, not forked: a forked child can hang in FFmpeg on locks the parent's threads
+        # held at the fork.
+        pool = ProcessPoolExecutor(num_workers, mp_context=multiprocessing.get_context("spawn"))
         done = pool.map(_one, jobs, chunksize=4)
     try:
         if show:
