@@ -348,3 +348,24 @@ def test_retrieval_features_both_are_the_mean_of_the_two_streams():
     torch.testing.assert_close(feats, combine_features(rgb, mot, "mean"))
     assert feats.shape == (8, m.feature_dim) and index.tolist() == list(range(8))
     assert (feats - F.normalize(rgb, dim=1)).abs().max() > 1e-3  # the motion stream counts
+
+
+def test_a_goca_checkpoint_loads_as_its_two_streams(tmp_path):
+    """`vidssl retrieval` / `embed` load a GOCA checkpoint as its RGB and motion backbones."""
+    from vidssl.backbones import TwoStream
+    from vidssl.evaluation.embed import load_encoder
+
+    m = _goca()
+    path = tmp_path / "goca.ckpt"
+    torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, path)
+    enc, info = load_encoder(str(path))
+    assert isinstance(enc, TwoStream) and info["motion"]["two_stream"]
+    rgb = torch.randn(2, 3, 4, 16, 16)
+    motion = torch.randn(2, m.motion_channels, 4, 16, 16)
+    m.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(enc.encode_rgb(rgb), m.encode_rgb(rgb))
+        torch.testing.assert_close(enc.encode_motion(motion), m.encode_motion(motion))
+    base, _ = load_encoder(info["backbone"], backbone_kwargs=info["backbone_kwargs"],
+                           random_init=True, motion=info["motion"])
+    assert isinstance(base, TwoStream)  # the baseline of a motion evaluation: same kind

@@ -207,7 +207,7 @@ def load_encoder(
             with torch.random.fork_rng():
                 torch.manual_seed(0)
                 model = build(src, **kwargs)
-                model = _with_motion(model, motion, None)
+                model = _with_motion(model, motion, None, src, kwargs)
             info = {"source": src, "backbone": src, "backbone_kwargs": kwargs, "random_init": True}
             if motion:
                 info["motion"] = dict(motion)
@@ -234,10 +234,16 @@ def load_encoder(
         )
     model = build(name, weights=src, **kwargs)
     info = {"source": src, "backbone": name, "backbone_kwargs": kwargs, "random_init": False}
-    if float(hparams.get("motion_prob") or 0) > 0 and "motion_input" in hparams:
+    state = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if isinstance(state, dict) and any(k.startswith("motion_backbone.") for k in state):
+        # A two-stream method (GOCA): its motion backbone beside the RGB one.
+        info["motion"] = {"two_stream": True,
+                          "motion_channels": int(hparams.get("motion_channels", 2))}
+        model = _with_motion(model, info["motion"], state, name, kwargs)
+    elif float(hparams.get("motion_prob") or 0) > 0 and "motion_input" in hparams:
         info["motion"] = {"motion_input": hparams["motion_input"],
                           "motion_channels": int(hparams.get("motion_channels", 2))}
-        model = _with_motion(model, info["motion"], ckpt.get("state_dict"))
+        model = _with_motion(model, info["motion"], state)
     data = ckpt.get("datamodule_hyper_parameters") if isinstance(ckpt, dict) else None
     if isinstance(data, dict):
         info["data"] = {k: data[k] for k in ("clip_len", "stride", "crop_size") if k in data}
@@ -245,11 +251,25 @@ def load_encoder(
 
 
 def _with_motion(backbone: nn.Module, motion: Optional[Dict[str, Any]],
-                 state: Optional[Dict[str, Any]]) -> nn.Module:
-    """Wrap ``backbone`` in a ``SharedEncoder`` for ``motion`` settings (with its stem weights)."""
+                 state: Optional[Dict[str, Any]], name: Optional[str] = None,
+                 kwargs: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Give ``backbone`` the motion encoder of ``motion`` settings (weights from ``state``).
+
+    ``two_stream`` settings (GOCA) pair it with a motion backbone of the same zoo ``name`` in a
+    ``TwoStream`` (``motion_backbone.*`` weights); the others wrap it in a ``SharedEncoder``
+    (one encoder, the method's motion stem: ``motion_stem.*`` weights).
+    """
     if not motion:
         return backbone
-    from vidssl.backbones import MotionStem, SharedEncoder
+    from vidssl.backbones import MotionStem, SharedEncoder, TwoStream, build
+
+    if motion.get("two_stream"):
+        net = build(name, in_channels=int(motion["motion_channels"]), **(kwargs or {}))
+        if state is not None:
+            prefix = "motion_backbone."
+            net.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                 if k.startswith(prefix)})
+        return TwoStream(backbone, net)
 
     stem = MotionStem(backbone, motion["motion_input"], int(motion["motion_channels"]))
     if state is not None and stem.conv is not None:
