@@ -165,6 +165,19 @@ class _SourceNMI(pl.Callback):
         self.history.append(m)
 
 
+def _motion_rows(method, root: str, args, dm_kw: dict, name: str, tag: str = "") -> list:
+    """Rows ``(label, 0.0, result)`` of ``method`` retrieving by motion and by both.
+
+    Empty for a method trained without a motion view (``dm_kw`` names none).
+    """
+    if not dm_kw.get("motion"):
+        return []
+    dm = _datamodule(root, args, motion=dm_kw["motion"], flow_dir=dm_kw.get("flow_dir"))
+    return [(f"{name} [{features}{tag}]", 0.0,
+             evaluate_retrieval(method, dm, num_clips=args.num_clips, features=features))
+            for features in ("motion", "both")]  # fmt: skip
+
+
 def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
     """Train ``method`` for ``epochs`` epochs on the CPU; return the minutes it took."""
     trainer = pl.Trainer(
@@ -291,14 +304,8 @@ def main() -> None:
         # After a pretraining stage, clustering starts at once (pseudo-labels from its weights).
         method, callbacks, dm_kw = _build(second, args, start_epoch=0 if first else None)
         minutes = 0.0
-        starts = []
-        if dm_kw.get("motion"):  # its own starting weights on motion: the baseline to beat there
-            eval_dm = _datamodule(root, args, motion=dm_kw["motion"],
-                                  flow_dir=dm_kw.get("flow_dir"))  # fmt: skip
-            for features in ("motion", "both"):
-                start = evaluate_retrieval(method, eval_dm, num_clips=args.num_clips,
-                                           features=features)  # fmt: skip
-                starts.append((f"{name} [{features}, start]", 0.0, start))
+        # Its own starting weights on motion: the baseline to beat there.
+        starts = _motion_rows(method, root, args, dm_kw, name, ", start")
         if name != "random":
             epochs = args.epochs
             if first:
@@ -313,14 +320,9 @@ def main() -> None:
         res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips)
         rows.append((name, minutes, res))
         rows.extend(starts)
-        if dm_kw.get("motion"):  # a motion-trained encoder: also retrieve by motion, and both
-            eval_dm = _datamodule(root, args, motion=dm_kw["motion"],
-                                  flow_dir=dm_kw.get("flow_dir"))  # fmt: skip
-            for features in ("motion", "both"):
-                extra = evaluate_retrieval(method, eval_dm, num_clips=args.num_clips,
-                                           features=features)  # fmt: skip
-                rows.append((f"{name} [{features}]", 0.0, extra))
-                print(f"{name} [{features}]: R@1 {extra.recall[1]:.3f}", flush=True)
+        for row in _motion_rows(method, root, args, dm_kw, name):  # trained, by motion and both
+            rows.append(row)
+            print(f"{row[0]}: R@1 {row[2].recall[1]:.3f}", flush=True)
         for cb in callbacks:
             if isinstance(cb, (PseudoLabels, _SourceNMI)):
                 histories[name] = cb.history

@@ -278,14 +278,7 @@ def test_motion_vectors_of_a_codec_without_them_are_flagged(tmp_path):
         pytest.skip("no mjpeg encoder")
     frames, _ = moving_sprite(num_frames=4, width=64, height=48, velocity=(1, 0), sprite=16)
     path = tmp_path / "v.avi"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mjpeg", rate=25)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_video(str(path), frames, codec="mjpeg")
     field, has = read_motion_vectors(str(path), [1, 2], with_flags=True)
     assert not has.any() and not field.any()
     with pytest.raises(IndexError, match="only 4 decodable frames"):

@@ -291,14 +291,7 @@ def test_mv_warns_when_the_codec_carries_no_motion_vectors(tmp_path):
     if "mjpeg" not in av.codecs_available:
         pytest.skip("no mjpeg encoder")
     frames, _ = moving_sprite(num_frames=8, width=64, height=48, velocity=(1, 0), sprite=16)
-    with av.open(str(tmp_path / "v.avi"), "w") as c:
-        s = c.add_stream("mjpeg", rate=25)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuvj420p"
-        for f in frames:
-            for p in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_video(str(tmp_path / "v.avi"), frames, codec="mjpeg")
     with pytest.warns(UserWarning, match="is mjpeg, whose stream carries no motion vectors"):
         _dm(tmp_path, motion="mv", short_side=48)
 

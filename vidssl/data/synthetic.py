@@ -219,7 +219,9 @@ def write_video(
 ) -> None:
     """Write ``frames`` (uint8 ``T x H x W x 3``, even ``H`` and ``W``) to ``path`` with PyAV.
 
-    The container follows the file suffix (``.avi``, ``.mp4``, ...). ``max_b_frames=2`` with the
+    The container follows the file suffix (``.avi``, ``.mp4``, ...); ``mjpeg`` (a codec without
+    motion vectors) is written in full-range ``yuvj420p``, the others in ``yuv420p``.
+    ``max_b_frames=2`` with the
     ``mpeg4`` codec in AVI reproduces the kind of file on which decord's random access returns
     wrong frames (see ``docs/data.md``).
     """
@@ -229,7 +231,7 @@ def write_video(
         stream = container.add_stream(codec, rate=fps)
         stream.width = frames.shape[2]
         stream.height = frames.shape[1]
-        stream.pix_fmt = "yuv420p"
+        stream.pix_fmt = "yuvj420p" if codec == "mjpeg" else "yuv420p"
         stream.codec_context.gop_size = gop_size
         if codec != "libx264":
             stream.codec_context.max_b_frames = max_b_frames
