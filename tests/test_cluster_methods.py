@@ -42,6 +42,22 @@ def test_cluster_triplet_defaults_follow_slic():
     assert ClusterTriplet(backbone_kwargs=TINY, temporal_weight=0.0).num_views == 2
 
 
+def slic_loss_by_hand(m, batch, pseudo, seed):
+    """SLIC's loss on an RGB batch written out: triplet on pseudo-classes (a video without a
+    label is its own class) plus the temporal term, negatives drawn after ``manual_seed(seed)``.
+    Returns the loss and the triplet selection."""
+    b = len(batch["index"])
+    z = m.projection(m.backbone(torch.cat(batch["views"])))
+    za, zp, za2 = z[:b], z[b : 2 * b], z[2 * b :]
+    pl_ = torch.tensor(pseudo)
+    lab = lambda i: pl_[i] if pl_[i] >= 0 else -2 - i  # noqa: E731
+    pos = batch["positive_index"]
+    labels = torch.tensor([lab(i) for i in range(b)] + [lab(int(p)) for p in pos])
+    torch.manual_seed(seed)
+    trip = cluster_triplet_loss(torch.cat([za, zp]), labels, 0.2)
+    return trip.loss + temporal_discrimination_loss(za, za2, zp, 0.04), trip
+
+
 def test_cluster_triplet_loss_is_triplet_plus_temporal():
     m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=32)
     m.set_pseudo_labels(torch.tensor([0, 1, 0, 1, -1, -1]))
@@ -49,17 +65,8 @@ def test_cluster_triplet_loss_is_triplet_plus_temporal():
     torch.manual_seed(5)
     out = m.compute_loss(batch)
     # the same computation by hand, with the same random state for the negative draws
-    b = 6
-    z = m.projection(m.backbone(torch.cat(batch["views"])))
-    za, zp, za2 = z[:b], z[b : 2 * b], z[2 * b :]
-    pl_ = torch.tensor([0, 1, 0, 1, -1, -1])
-    lab = lambda i: pl_[i] if pl_[i] >= 0 else -2 - i  # noqa: E731
-    pos = batch["positive_index"]
-    labels = torch.tensor([lab(i) for i in range(b)] + [lab(int(p)) for p in pos])
-    torch.manual_seed(5)
-    trip = cluster_triplet_loss(torch.cat([za, zp]), labels, 0.2)
-    temp = temporal_discrimination_loss(za, za2, zp, 0.04)
-    assert out["loss"].item() == pytest.approx((trip.loss + temp).item(), abs=1e-5)
+    expected, trip = slic_loss_by_hand(m, batch, [0, 1, 0, 1, -1, -1], seed=5)
+    assert out["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
     assert out["num_triplets"].item() == trip.anchor.numel()
     assert out["same_video_rate"].item() == pytest.approx(2 / 6)
     out["loss"].backward()

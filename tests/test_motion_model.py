@@ -7,9 +7,9 @@ import math
 import pytest
 import pytorch_lightning as pl
 import torch
+from test_cluster_methods import slic_loss_by_hand
 
 import vidssl.backbones as vb
-from vidssl.losses.mining import cluster_triplet_loss, temporal_discrimination_loss
 from vidssl.methods import ClusterTriplet
 from vidssl.methods.base import ConfigError
 
@@ -144,16 +144,8 @@ def test_motion_prob_0_is_the_rgb_only_loss_exactly():
     torch.manual_seed(5)
     out = m.compute_loss(batch)
     # by hand, as the RGB-only method computes it (the motion in the batch is ignored)
-    b = 6
-    z = m.projection(m.backbone(torch.cat(batch["views"])))
-    za, zp, za2 = z[:b], z[b : 2 * b], z[2 * b :]
-    pl_ = torch.tensor([0, 1, 0, 1, -1, -1])
-    lab = lambda i: pl_[i] if pl_[i] >= 0 else -2 - i  # noqa: E731
-    pos = batch["positive_index"]
-    labels = torch.tensor([lab(i) for i in range(b)] + [lab(int(p)) for p in pos])
-    torch.manual_seed(5)
-    trip = cluster_triplet_loss(torch.cat([za, zp]), labels, 0.2)
-    expected = trip.loss + temporal_discrimination_loss(za, za2, zp, 0.04)
+    rgb = {k: v for k, v in batch.items() if k != "motion"}
+    expected, _ = slic_loss_by_hand(m, rgb, [0, 1, 0, 1, -1, -1], seed=5)
     assert torch.equal(out["loss"], expected)
     assert "motion_fraction" not in out and "motion_mask" not in batch
 
