@@ -269,11 +269,21 @@ class VideoSSLMethod(pl.LightningModule):
                 and c is not VideoSSLMethod and "__init__" in c.__dict__
                 for name in inspect.signature(c.__init__).parameters}
 
-    def _resolve(self, kind: type, given: Any, name: str) -> Any:
-        """``given`` over the ``default_<name>`` of each class of this method, nearest first."""
+    @classmethod
+    def settings_defaults(cls, name: str) -> Any:
+        """Return the method's default group ``name`` (``"head"``, ``"optim"``, ``"ema"``).
+
+        The ``default_<name>`` of each class of the method, nearest first, filling each other's
+        ``None`` fields (a field left ``None`` in all of them, such as ``head.hidden_dim``,
+        keeps its meaning: the backbone's feature size).
+        """
         attr = "default_" + name
-        layers = [c.__dict__[attr] for c in type(self).__mro__ if attr in c.__dict__]
-        return merged(as_group(kind, given, f"model.init_args.{name}"), *layers)
+        return merged(*[c.__dict__[attr] for c in cls.__mro__ if attr in c.__dict__])
+
+    def _resolve(self, kind: type, given: Any, name: str) -> Any:
+        """``given`` over :meth:`settings_defaults` ``(name)``."""
+        return merged(as_group(kind, given, f"model.init_args.{name}"),
+                      self.settings_defaults(name))
 
     def _save_settings(self, backbone: Any) -> None:
         # Lightning's record (every class's __init__ arguments, or the config under

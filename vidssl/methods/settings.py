@@ -136,14 +136,17 @@ LEGACY_NAMES: Dict[str, Tuple[str, str]] = {
 
 
 def migrate_legacy_names(
-    args: Mapping[str, Any], keep: Sequence[str] = (), where: str = "model.init_args"
+    args: Mapping[str, Any], keep: Sequence[str] = ()
 ) -> Tuple[Dict[str, Any], List[str]]:
     """Move the flat legacy names of ``args`` into their groups; return ``(args, moved)``.
 
     ``moved`` lists ``"old -> new"`` per name moved (``lr -> optim.lr``); names in ``keep`` (a
-    method's own arguments) stay. A group already given with a different value for the same
-    field raises ``ValueError``. ``proj_hidden_dim: None`` (the feature size, before) becomes
-    ``head.hidden_dim: 0``, since a ``None`` field now means "the method's default".
+    method's own arguments) stay. Where a group already sets the same field to another value
+    the flat one wins and ``moved`` says so: Lightning lays a checkpoint's hyper-parameters
+    (flat, in one written before the groups) over the config's when ``fit --ckpt_path``
+    resumes, and the checkpoint's win there. ``proj_hidden_dim: None`` (the feature size,
+    before) becomes ``head.hidden_dim: 0``, since a ``None`` field now means "the method's
+    default".
     """
     out = dict(args)
     moved: List[str] = []
@@ -155,12 +158,12 @@ def migrate_legacy_names(
         current = out.get(group)
         fields = dataclasses.asdict(current) if dataclasses.is_dataclass(current) else dict(
             current or {})
+        note = ""
         if fields.get(field) is not None and fields[field] != value:
-            raise ValueError(f"{where}.{old}={value!r} and {where}.{group}.{field}="
-                             f"{fields[field]!r} disagree; give only {where}.{group}.{field}")
+            note = f" (its {value!r} replaces {group}.{field}={fields[field]!r})"
         fields[field] = value
         out[group] = fields
-        moved.append(f"{old} -> {group}.{field}")
+        moved.append(f"{old} -> {group}.{field}{note}")
     return out, moved
 
 
@@ -171,12 +174,13 @@ def warn_legacy(moved: Sequence[str], where: str = "model.init_args") -> None:
     command line) or a class name (Python, a checkpoint's hyper-parameters).
     """
     if moved:
-        pairs = [m.split(" -> ") for m in moved]
+        pairs = [m.split(" -> ", 1) for m in moved]
         if where.isidentifier():  # a class: Python arguments
             kinds = {"head": "Head", "optim": "Optimization", "ema": "EMASchedule"}
             keys = "; ".join(
                 f"{where}({old}=...) -> {where}({new.split('.')[0]}="
-                f"{kinds[new.split('.')[0]]}({new.split('.')[1]}=...))" for old, new in pairs)
+                f"{kinds[new.split('.')[0]]}({new.split('.', 1)[1].split(' ')[0]}=...))"
+                + new[len(new.split(" ")[0]):] for old, new in pairs)
         else:
             keys = "; ".join(f"{where}.{old} -> {where}.{new}" for old, new in pairs)
         warnings.warn(f"flat head / optimisation / EMA keys are deprecated, use their groups: "
