@@ -192,7 +192,9 @@ def _decode_vectors(
                 types.append(int(frame.pict_type))
                 if key and types[-1] == _B_FRAME:
                     raise _JumpFailed
-                if k in wanted:
+                # FFmpeg's MPEG-4 Part 2 decoder exports a zero vector for every block of a
+                # B-frame (any encoder): no information, so no vectors.
+                if k in wanted and not (types[-1] == _B_FRAME and ctx.name == "mpeg4"):
                     side = frame.side_data.get("MOTION_VECTORS")
                     if side is not None:
                         vectors[k] = side.to_ndarray()
