@@ -319,34 +319,44 @@ def test_decoding_without_pixels_exports_the_same_vectors(tmp_path, codec, b, op
         assert a is None or np.array_equal(a, b_), k
 
 
-@pytest.mark.parametrize("codec,b,options,key", [
-    ("mpeg4", 0, None, 36),            # no B-frames: decoding starts at the keyframe 36
-    ("libx264", 0, {"bf": "0"}, 36),
-    ("mpeg4", 2, None, None),          # B-frames: sequential from frame 0
-    ("libx264", 0, None, None),
-])
-def test_a_clip_late_in_the_video_equals_the_sequential_decode(tmp_path, monkeypatch, codec, b,
-                                                               options, key):
-    path, masks = _sprite_file(tmp_path, codec, b, velocity=(1, 1), num_frames=60,
-                               options=options)
-    idx = [47, 41, 45, 43, 41, 39]  # any order, a repeat; keyframes at 0, 12, 24, 36, 48
-    keys = []
-    jump = mv_module._packets_from_keyframe
-
-    def spy(packets, start):
-        out = jump(packets, start)
-        keys.append(out[1])
-        return out
-
-    monkeypatch.setattr(mv_module, "_packets_from_keyframe", spy)
-    field, has = read_motion_vectors(str(path), idx, size=(64, 48), with_flags=True)
-    codes = read_motion_vectors(str(path), idx, size=(64, 48), quantized=True)
-    assert keys == ([key, key] if key else [])
-
-    def refuse(packets, start):
+def _decode_from_frame_0(monkeypatch):
+    """Make ``read_motion_vectors`` decode every frame from frame 0 (its fallback path)."""
+    def refuse(*args):
         raise mv_module._JumpFailed
 
-    monkeypatch.setattr(mv_module, "_packets_from_keyframe", refuse)  # sequential from frame 0
+    monkeypatch.setattr(mv_module, "_decode_wanted", refuse)
+    monkeypatch.setattr(mv_module, "_packets_from_keyframe", refuse)
+
+
+@pytest.mark.parametrize("codec,b,options,path_taken", [
+    ("mpeg4", 0, None, "wanted frames"),   # no B-frames: frame 0 and the wanted frames only
+    ("libx264", 0, {"bf": "0"}, "key 36"),  # no B-frames: from the keyframe 36 on
+    ("mpeg4", 2, None, "frame 0"),          # B-frames: every frame from frame 0
+    ("libx264", 0, None, "frame 0"),
+])
+def test_a_clip_late_in_the_video_equals_the_sequential_decode(tmp_path, monkeypatch, codec, b,
+                                                               options, path_taken):
+    path, masks = _sprite_file(tmp_path, codec, b, velocity=(1, 1), num_frames=60,
+                               options=options)
+    idx = [49, 41, 45, 43, 41, 39]  # any order, a repeat; keyframes at 0, 12, 24, 36, 48
+    taken = []
+    wanted, jump = mv_module._decode_wanted, mv_module._packets_from_keyframe
+
+    def spy_wanted(packets, want, last):
+        taken.append("wanted frames")
+        return wanted(packets, want, last)
+
+    def spy_jump(packets, start):
+        out = jump(packets, start)
+        taken.append(f"key {out[1]}")
+        return out
+
+    monkeypatch.setattr(mv_module, "_decode_wanted", spy_wanted)
+    monkeypatch.setattr(mv_module, "_packets_from_keyframe", spy_jump)
+    field, has = read_motion_vectors(str(path), idx, size=(64, 48), with_flags=True)
+    codes = read_motion_vectors(str(path), idx, size=(64, 48), quantized=True)
+    assert taken == ([path_taken] * 2 if path_taken != "frame 0" else [])
+    _decode_from_frame_0(monkeypatch)
     seq_field, seq_has = read_motion_vectors(str(path), idx, size=(64, 48), with_flags=True)
     assert np.array_equal(field, seq_field) and np.array_equal(has, seq_has)
     assert np.array_equal(codes, quantize_flow(seq_field))
@@ -359,14 +369,14 @@ def test_a_clip_late_in_the_video_equals_the_sequential_decode(tmp_path, monkeyp
 
 
 def test_a_late_clip_of_a_real_video_equals_the_sequential_decode(real_videos, monkeypatch):
-    # vtest.avi: MS-MPEG4 v3 (DivX 3), 795 frames, keyframes 0, 250, 500, 750, no B-frames.
+    # vtest.avi: MS-MPEG4 v3 (DivX 3), 795 frames, keyframes 0, 250, 500, 750, no B-frames:
+    # only the wanted frames are decoded, across the keyframe 750 too.
     path = str(real_videos / "vtest.avi")
-    idx = np.arange(600, 632, 2)
+    idx = np.concatenate([np.arange(600, 632, 2), np.arange(740, 772, 2)])
     fast, has = read_motion_vectors(path, idx, size=(171, 128), with_flags=True)
-    monkeypatch.setattr(mv_module, "_packets_from_keyframe",
-                        lambda packets, start: (_ for _ in ()).throw(mv_module._JumpFailed))
+    _decode_from_frame_0(monkeypatch)
     seq, seq_has = read_motion_vectors(path, idx, size=(171, 128), with_flags=True)
-    assert has.all() and np.array_equal(has, seq_has)
+    assert has.sum() == len(idx) - 1 and np.array_equal(has, seq_has)  # 750 is an I-frame
     assert np.array_equal(fast, seq) and np.abs(fast).max() > 0.5
 
 

@@ -1,8 +1,9 @@
 """Motion vectors read from the compressed stream on the fly: a dense motion field per frame.
 
 No pre-computation: PyAV decodes the frames up to the last one asked for with FFmpeg's
-``export_mvs`` (without their pixels, from the keyframe before the clip where the stream has no
-B-frames) and each block's vector is painted over its block, at the RGB decode size.
+``export_mvs`` (without their pixels; where the stream has no B-frames, only the clip's frames
+or from the keyframe before the clip) and each block's vector is painted over its block, at the
+RGB decode size.
 """
 
 from __future__ import annotations
@@ -130,6 +131,12 @@ def _anchor_distances(types: list[int], k: int) -> tuple[int, int]:
     return past, future
 
 
+#: Decoders whose P-frame vectors are coded from the frame alone (each predicted from its
+#: neighbours in the same frame; tested against the sequential decode): in a stream without
+#: B-frames only the wanted frames need decoding.
+_FRAME_BY_FRAME = frozenset({"mpeg4", "msmpeg4"})
+
+
 class _JumpFailed(Exception):
     """Decoding from a later keyframe would not number the frames as a sequential decode does."""
 
@@ -155,15 +162,45 @@ def _packets_from_keyframe(packets, start: int) -> tuple[list, int]:
     raise _JumpFailed
 
 
+def _decode_wanted(packets, wanted: set[int], last: int):
+    """``_decode_vectors`` of a stream without B-frames of a :data:`_FRAME_BY_FRAME` decoder.
+
+    Packet ``n`` is frame ``n``; only packet 0 (it may carry the stream's headers) and the wanted
+    ones are decoded, each of which must give exactly one frame, never a B-frame. Frames not
+    decoded are reported as P-frames: with no B-frame, every past reference is 1 frame back.
+    """
+    types = [_P_FRAME] * (last + 1)
+    vectors: dict[int, np.ndarray] = {}
+    coded = None
+    for n, packet in enumerate(packets):
+        if packet.size == 0:  # a dropped frame, or the end of the stream: do not guess
+            raise _JumpFailed
+        if n and n not in wanted:
+            continue
+        frames = packet.decode()
+        if len(frames) != 1 or int(frames[0].pict_type) == _B_FRAME:
+            raise _JumpFailed
+        coded = coded or (frames[0].width, frames[0].height)
+        types[n] = int(frames[0].pict_type)
+        side = frames[0].side_data.get("MOTION_VECTORS") if n in wanted else None
+        if side is not None:
+            vectors[n] = side.to_ndarray()
+        if n >= last:
+            return types, vectors, coded
+    raise _JumpFailed
+
+
 def _decode_vectors(
     path: str, wanted: set[int], last: int, jump: bool
 ) -> tuple[list[int], dict[int, np.ndarray], tuple[int, int] | None]:
     """Picture types of frames ``0..last`` (and on to the next non-B frame), vectors of ``wanted``.
 
     With ``jump``, in a stream without B-frames (the decoder outputs packet ``k`` as frame
-    ``k``), packets between frame 0 and the last keyframe at or before the first wanted frame are
-    read but not decoded (frame 0 is: it may carry the stream's headers); their types are
-    reported as P, which no distance search reaches (the keyframe stops it).
+    ``k``): for :data:`_FRAME_BY_FRAME` decoders only frame 0 and the wanted frames are decoded
+    (:func:`_decode_wanted`); for others the packets between frame 0 and the last keyframe at or
+    before the first wanted frame are read but not decoded (frame 0 is: it may carry the
+    stream's headers), their types reported as P, which no distance search reaches (the
+    keyframe stops it).
     """
     import av
 
@@ -179,6 +216,8 @@ def _decode_vectors(
         packets = container.demux(stream)
         key = 0
         queue: list = []
+        if jump and not ctx.has_b_frames and ctx.name in _FRAME_BY_FRAME:
+            return _decode_wanted(packets, wanted, last)
         if jump and not ctx.has_b_frames and min(wanted) > 0:
             queue, key = _packets_from_keyframe(packets, min(wanted))
         for packet in itertools.chain(queue, packets):
@@ -219,9 +258,15 @@ def read_motion_vectors(
     frame-by-frame with an RGB clip of the same indices. Frames are decoded without their pixels
     (FFmpeg's ``skip_idct`` and ``skip_loop_filter``: the vectors are the same) and never
     converted to RGB, on one thread, up to the last requested frame (plus the few frames up to
-    the next I/P frame, to know a B-frame's reference distance). In a stream without B-frames,
-    decoding starts at the last keyframe at or before the first requested frame (the packets
-    before it are only read), else at frame 0; the fields are the same either way.
+    the next I/P frame, to know a B-frame's reference distance). Which frames are decoded
+    depends on the stream; the fields are the same either way (each shortcut checks the frames
+    it gets and falls back to decoding from frame 0):
+
+    - without B-frames, MPEG-4 Part 2 and MS-MPEG4 (whose P-frame vectors depend on nothing
+      else): frame 0 (the stream's headers) and the requested frames only;
+    - without B-frames, other codecs: from the last keyframe at or before the first requested
+      frame on (the packets before it are only read);
+    - with B-frames: every frame from frame 0.
 
     Args:
         path: the video file.
