@@ -81,7 +81,9 @@ def _rasterize_frames(
     if counts.sum() == 0:
         zero = np.zeros((len(records), height, width, 2), dtype)
         return quantize_flow(zero) if quantized else zero
-    mvs = np.concatenate([m for m in records if len(m)])
+    present = [m for m in records if len(m)]
+    # One buffer: np.concatenate of structured arrays re-checks their fields each call.
+    mvs = np.frombuffer(b"".join(m.tobytes() for m in present), present[0].dtype)
     frame = np.repeat(np.arange(len(records)), counts)
     past, future = np.asarray(distances, np.float64).reshape(-1, 2)[frame].T
     source = mvs["source"].astype(np.float64)
@@ -104,9 +106,13 @@ def _rasterize_frames(
     nx = np.clip(-(-(dst_x + half_w) // cell), x0 + 1, gw) - x0
     ny = np.clip(-(-(dst_y + half_h) // cell), y0 + 1, gh) - y0
     cells = nx * ny
-    block = np.repeat(np.arange(len(mvs)), cells)
-    local = np.arange(len(block)) - np.repeat(np.cumsum(cells) - cells, cells)
-    at = (frame[block] * gh + y0[block] + local // nx[block]) * gw + x0[block] + local % nx[block]
+    if np.all(cells == 1):  # every block one cell (MPEG-4 without 8x8 blocks): no spreading
+        block, at = slice(None), (frame * gh + y0) * gw + x0
+    else:
+        block = np.repeat(np.arange(len(mvs)), cells)
+        local = np.arange(len(block)) - np.repeat(np.cumsum(cells) - cells, cells)
+        at = (frame[block] * gh + y0[block] + local // nx[block]) * gw + x0[block] + local % nx[
+            block]
     n_all = len(records) * gh * gw
     count = np.maximum(np.bincount(at, minlength=n_all), 1)
     grid = np.empty((len(records), gh, gw, 2), dtype)
@@ -117,7 +123,11 @@ def _rasterize_frames(
         grid = quantize_flow(grid)
     gx = np.minimum(((np.arange(width) + 0.5) / sx / cell).astype(np.int64), gw - 1)
     gy = np.minimum(((np.arange(height) + 0.5) / sy / cell).astype(np.int64), gh - 1)
-    return grid.take(gy, axis=1).take(gx, axis=2).astype(out_dtype, copy=False)
+    # (x, y) pairs viewed as single integers of twice the item size; columns first on the small
+    # grid, then whole rows.
+    pairs = np.ascontiguousarray(grid).view(f"u{2 * grid.itemsize}")[..., 0]
+    out = pairs.take(gx, axis=2).take(gy, axis=1)
+    return out[..., None].view(grid.dtype).astype(out_dtype, copy=False)
 
 
 def _anchor_distances(types: list[int], k: int) -> tuple[int, int]:
@@ -178,10 +188,10 @@ def _decode_wanted(packets, wanted: set[int], last: int):
         if n and n not in wanted:
             continue
         frames = packet.decode()
-        if len(frames) != 1 or int(frames[0].pict_type) == _B_FRAME:
+        types[n] = int(frames[0].pict_type) if len(frames) == 1 else _B_FRAME
+        if types[n] == _B_FRAME:  # or not one frame
             raise _JumpFailed
         coded = coded or (frames[0].width, frames[0].height)
-        types[n] = int(frames[0].pict_type)
         side = frames[0].side_data.get("MOTION_VECTORS") if n in wanted else None
         if side is not None:
             vectors[n] = side.to_ndarray()
@@ -304,14 +314,14 @@ def read_motion_vectors(
             f"{path} has only {len(types)} decodable frames but frame {last} was requested."
         )
     size = tuple(size) if size is not None else coded
-    unique, pos = np.unique(indices, return_inverse=True)
+    # Painted in the requested order (a repeated frame is painted twice, on the small grid):
+    # no gather of the full-size fields afterwards.
+    order = indices.tolist()
     empty = np.zeros(0, np.dtype([("source", "<i4")]))
     fields = _rasterize_frames(
-        [vectors.get(k, empty) for k in unique.tolist()],
-        [_anchor_distances(types, k) if k in vectors else (1, 1) for k in unique.tolist()],
+        [vectors.get(k, empty) for k in order],
+        [_anchor_distances(types, k) if k in vectors else (1, 1) for k in order],
         coded, size, quantized=quantized,
     )
-    has = np.isin(unique, list(vectors))
-    if len(unique) != len(indices) or not np.array_equal(unique, indices):
-        fields, has = fields[pos], has[pos]
+    has = np.array([k in vectors for k in order], bool)
     return (fields, has) if with_flags else fields
