@@ -7,8 +7,9 @@ Prints, each measured side by side in one run:
    frames already decoded into memory (the limit: flow computation alone), alternated video by
    video; then ``flow_dataset`` with ``--workers`` processes over all videos;
 2. per-clip cost of reading stored flow (``read_flow``, memory-mapped) and of extracting
-   compressed-stream motion vectors (``read_motion_vectors``) against decoding the RGB frames
-   of the same clips at the same size (decord, and PyAV sequentially like the MV path);
+   compressed-stream motion vectors (``read_motion_vectors``, float16 fields and uint8 codes)
+   against decoding the RGB frames of the same clips at the same size (decord, and PyAV
+   sequentially, the exact path);
 3. time per clip of training batches of ``VideoDataModule`` with each motion view (``flow``,
    ``mv``, ``diff``) against RGB only, the same module and settings otherwise: the loader
    (decode, motion read, collate) and the augmentation of one batch (on this CPU), interleaved.
@@ -16,6 +17,8 @@ Prints, each measured side by side in one run:
     .venv/bin/python benchmarks/flow.py            # 4 synthetic 320x240 videos of 48 frames
     .venv/bin/python benchmarks/flow.py --quick    # smaller counts
     .venv/bin/python benchmarks/flow.py --only views   # section 3 alone (DIS flow for it)
+    .venv/bin/python benchmarks/flow.py --only views --cpu-time   # the work, on a busy machine
+    .venv/bin/python benchmarks/flow.py --only clips   # section 2 alone
 """
 
 from __future__ import annotations
@@ -165,6 +168,8 @@ def bench_views(src: Path, flow_dir: Path, args) -> dict[str, dict[str, float]]:
     # One intra-op thread, as in a DataLoader worker: with two on a busy 2-core machine, OpenMP's
     # waiting made torch.stack of a batch 25-100x slower and the collate dominated the loader.
     torch.set_num_threads(1)
+    # CPU time of this process (--cpu-time) counts the work alone, not the waits for a busy core.
+    clock = time.process_time if args.cpu_time else time.perf_counter
     loader_s: dict[str, list[float]] = {}
     augment_s: dict[str, list[float]] = {}
     clips = args.batches * args.batch_size * 2  # two views a sample
@@ -172,16 +177,15 @@ def bench_views(src: Path, flow_dir: Path, args) -> dict[str, dict[str, float]]:
         order = list(modules.items())
         for motion, dm in order[r % 4:] + order[: r % 4]:  # interleaved, rotated: load drifts
             torch.manual_seed(0)
-            t = time.perf_counter()
+            t = clock()
             batches = list(dm.train_dataloader())
-            loaded = time.perf_counter()
+            loaded = clock()
             assert len(batches) == args.batches
             if not args.loader_only:
                 dm.augment(batches[0], train=True)  # one batch: the CPU is not the device
             if r:
                 loader_s.setdefault(motion, []).append((loaded - t) / clips)
-                augment_s.setdefault(motion, []).append(
-                    (time.perf_counter() - loaded) / (args.batch_size * 2))
+                augment_s.setdefault(motion, []).append((clock() - loaded) / (args.batch_size * 2))
     return {"loader": loader_s, "augment": augment_s}
 
 
@@ -201,6 +205,9 @@ def main() -> None:
                    help="section 3 DataLoader workers (0: all in this process)")
     p.add_argument("--only", choices=["views", "clips"],
                    help="run section 3 (views) or 2 (clips) only, with DIS flow")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="section 3: CPU time of this process instead of wall time "
+                        "(with --loader-workers 0: the work, whatever the load)")
     p.add_argument("--loader-only", action="store_true",
                    help="section 3: time the loader only (no augmentation)")
     p.add_argument("--quick", action="store_true")
