@@ -7,8 +7,9 @@ Prints, each measured side by side in one run:
    frames already decoded into memory (the limit: flow computation alone), alternated video by
    video; then ``flow_dataset`` with ``--workers`` processes over all videos;
 2. per-clip cost of reading stored flow (``read_flow``, memory-mapped) and of extracting
-   compressed-stream motion vectors (``read_motion_vectors``) against decoding the RGB frames
-   of the same clips at the same size (decord, and PyAV sequentially like the MV path);
+   compressed-stream motion vectors (``read_motion_vectors``, float16 fields and uint8 codes)
+   against decoding the RGB frames of the same clips at the same size (decord, and PyAV
+   sequentially, the exact path);
 3. time per clip of training batches of ``VideoDataModule`` with each motion view (``flow``,
    ``mv``, ``diff``) against RGB only, the same module and settings otherwise: the loader
    (decode, motion read, collate) and the augmentation of one batch (on this CPU), interleaved.
@@ -16,6 +17,8 @@ Prints, each measured side by side in one run:
     .venv/bin/python benchmarks/flow.py            # 4 synthetic 320x240 videos of 48 frames
     .venv/bin/python benchmarks/flow.py --quick    # smaller counts
     .venv/bin/python benchmarks/flow.py --only views   # section 3 alone (DIS flow for it)
+    .venv/bin/python benchmarks/flow.py --only views --cpu-time   # the work, on a busy machine
+    .venv/bin/python benchmarks/flow.py --only clips   # section 2 alone
 """
 
 from __future__ import annotations
@@ -126,12 +129,19 @@ def bench_clips(paths, src: Path, flow_dir: Path, args):
         for i, idx in plan:
             read_motion_vectors(str(paths[i]), idx, size=size)
 
+    def mvs_codes():  # what a training batch carries: uint8 codes
+        for i, idx in plan:
+            read_motion_vectors(str(paths[i]), idx, size=size, quantized=True)
+
+    fns = [rgb_decord, rgb_pyav, flow, mvs]
+    if "quantized" in read_motion_vectors.__code__.co_varnames:  # older vidssl: float16 only
+        fns.append(mvs_codes)
     times: dict[str, list[float]] = {}
-    for fn in (rgb_decord, rgb_pyav, flow, mvs) * args.repeats:  # interleaved against load
+    for fn in fns * args.repeats:  # interleaved against load
         t = time.perf_counter()
         fn()
         times.setdefault(fn.__name__, []).append((time.perf_counter() - t) / len(plan))
-    return {k: float(np.median(v)) for k, v in times.items()}
+    return times
 
 
 def bench_views(src: Path, flow_dir: Path, args) -> dict[str, dict[str, float]]:
@@ -155,6 +165,11 @@ def bench_views(src: Path, flow_dir: Path, args) -> dict[str, dict[str, float]]:
         dm.set_train_batch_sampler(
             [rng.integers(n, size=args.batch_size).tolist() for _ in range(args.batches)])
         modules[motion] = dm
+    # One intra-op thread, as in a DataLoader worker: with two on a busy 2-core machine, OpenMP's
+    # waiting made torch.stack of a batch 25-100x slower and the collate dominated the loader.
+    torch.set_num_threads(1)
+    # CPU time of this process (--cpu-time) counts the work alone, not the waits for a busy core.
+    clock = time.process_time if args.cpu_time else time.perf_counter
     loader_s: dict[str, list[float]] = {}
     augment_s: dict[str, list[float]] = {}
     clips = args.batches * args.batch_size * 2  # two views a sample
@@ -162,17 +177,16 @@ def bench_views(src: Path, flow_dir: Path, args) -> dict[str, dict[str, float]]:
         order = list(modules.items())
         for motion, dm in order[r % 4:] + order[: r % 4]:  # interleaved, rotated: load drifts
             torch.manual_seed(0)
-            t = time.perf_counter()
+            t = clock()
             batches = list(dm.train_dataloader())
-            loaded = time.perf_counter()
+            loaded = clock()
             assert len(batches) == args.batches
-            dm.augment(batches[0], train=True)  # one batch: the CPU is not the device
+            if not args.loader_only:
+                dm.augment(batches[0], train=True)  # one batch: the CPU is not the device
             if r:
                 loader_s.setdefault(motion, []).append((loaded - t) / clips)
-                augment_s.setdefault(motion, []).append(
-                    (time.perf_counter() - loaded) / (args.batch_size * 2))
-    return {m: {"loader": float(np.median(loader_s[m])), "augment": float(np.median(augment_s[m]))}
-            for m in modules}
+                augment_s.setdefault(motion, []).append((clock() - loaded) / (args.batch_size * 2))
+    return {"loader": loader_s, "augment": augment_s}
 
 
 def main() -> None:
@@ -189,7 +203,13 @@ def main() -> None:
     p.add_argument("--batches", type=int, default=5, help="section 3 batches per measurement")
     p.add_argument("--loader-workers", type=int, default=0,
                    help="section 3 DataLoader workers (0: all in this process)")
-    p.add_argument("--only", choices=["views"], help="run section 3 only")
+    p.add_argument("--only", choices=["views", "clips"],
+                   help="run section 3 (views) or 2 (clips) only, with DIS flow")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="section 3: CPU time of this process instead of wall time "
+                        "(with --loader-workers 0: the work, whatever the load)")
+    p.add_argument("--loader-only", action="store_true",
+                   help="section 3: time the loader only (no augmentation)")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args()
     if args.quick:
@@ -201,10 +221,13 @@ def main() -> None:
         src = Path(tmp) / "src"
         src.mkdir()
         paths = make_videos(src, args.videos, args.frames)
-        if args.only == "views":
+        if args.only:
             flow_dir = Path(tmp) / "flow"
             flow_dataset(src, flow_dir, method="dis", short_side=args.short_side, progress=False)
-            _print_views(bench_views(src, flow_dir, args), args)
+            if args.only == "views":
+                _print_views(bench_views(src, flow_dir, args), args)
+            else:
+                _print_clips(bench_clips(paths, src, flow_dir, args), args)
             print(f"load average at the end: {os.getloadavg()[0]:.1f}")
             return
         print("\n1. flow computation, frames/s (the plain loop has the frames decoded already)")
@@ -220,26 +243,38 @@ def main() -> None:
                 flow_dir = keep
             else:
                 shutil.rmtree(keep)
-        t = bench_clips(paths, src, flow_dir, args)
-        print(f"\n2. per clip of {args.clip_len} frames (stride {args.stride}), ms; ratio to "
-              "RGB decode with decord")
-        for name in ("rgb_decord", "rgb_pyav", "flow", "mvs"):
-            print(f"{name:<12} {1000 * t[name]:>8.2f} ms {t[name] / t['rgb_decord']:>6.2f}x")
+        _print_clips(bench_clips(paths, src, flow_dir, args), args)
         _print_views(bench_views(src, flow_dir, args), args)
         shutil.rmtree(flow_dir)
     print(f"load average at the end: {os.getloadavg()[0]:.1f}")
 
 
-def _print_views(times: dict[str, dict[str, float]], args) -> None:
+def _ratios(times: list[float], base: list[float]) -> str:
+    """Median of the per-pass ratios (each pass against the baseline of the same pass), range."""
+    r = np.array(times) / np.array(base)
+    return f"{np.median(r):>6.2f} [{r.min():.2f}-{r.max():.2f}]"
+
+
+def _print_clips(times: dict[str, list[float]], args) -> None:
+    print(f"\n2. per clip of {args.clip_len} frames (stride {args.stride}), ms (median of "
+          f"{args.repeats} interleaved passes); ratio to RGB decode with decord: median of the "
+          "passes [range]")
+    for name, t in times.items():
+        print(f"{name:<12} {1000 * np.median(t):>8.2f} ms {_ratios(t, times['rgb_decord'])}")
+
+
+def _print_views(times: dict[str, dict[str, list[float]]], args) -> None:
     print(f"\n3. VideoDataModule training batches ({args.batch_size} x 2 views of "
           f"{args.clip_len} frames, {args.loader_workers} loader workers): ms per clip of the "
           "loader (decode, motion, collate) and of the augmentation on this CPU (crop 112); "
-          "ratio to RGB only")
-    print(f"{'motion':<8} {'loader':>8} {'ratio':>6} {'augment':>8} {'ratio':>6}")
-    base = times["none"]
-    for motion, t in times.items():
-        print(f"{motion:<8} {1000 * t['loader']:>8.2f} {t['loader'] / base['loader']:>6.2f} "
-              f"{1000 * t['augment']:>8.2f} {t['augment'] / base['augment']:>6.2f}")
+          "ratio to RGB only: median of the per-pass ratios [range]")
+    print(f"{'motion':<8} {'loader':>8} {'ratio [range]':>18} {'augment':>8} {'ratio [range]':>18}")
+    loader, augment = times["loader"], times["augment"]
+    for motion in loader:
+        aug = (f"{1000 * np.median(augment[motion]):>8.2f} "
+               f"{_ratios(augment[motion], augment['none']):>18}") if not args.loader_only else "-"
+        print(f"{motion:<8} {1000 * np.median(loader[motion]):>8.2f} "
+              f"{_ratios(loader[motion], loader['none']):>18} {aug}")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,16 @@ import torch
 from vidssl.callbacks import PseudoLabels
 from vidssl.data import VideoAugmentation, VideoDataModule, write_synthetic_dataset
 from vidssl.evaluation import evaluate_retrieval
-from vidssl.methods import GOCA, ClusterContrast, ClusterTriplet, MoCo, SimCLR
+from vidssl.methods import (
+    GOCA,
+    ClusterContrast,
+    ClusterTriplet,
+    EMASchedule,
+    Head,
+    MoCo,
+    Optimization,
+    SimCLR,
+)
 
 warnings.filterwarnings("ignore")
 logging.getLogger("pytorch_lightning").setLevel(logging.WARNING)
@@ -50,13 +59,15 @@ def _backbone(args) -> dict:
     return dict(backbone=args.backbone, backbone_kwargs={"width_mult": args.width})
 
 
-def _optim(args) -> dict:
+def _optim(args, **fields) -> dict:
     # One optimiser for every method: the papers' SGD settings are tuned for hundreds of epochs
     # (SimCLR with SGD at lr 0.1 was still at the chance loss log(2B - 1) after 75 steps here),
-    # and a short run has a few hundred steps. `--optimizer sgd` keeps each method's own default.
-    if args.optimizer == "sgd":
-        return {}
-    return dict(optimizer=args.optimizer, lr=args.lr, weight_decay=1e-4, lr_schedule="cosine")
+    # and a short run has a few hundred steps. `--optimizer sgd` keeps each method's own default
+    # (but for the `fields` given).
+    if args.optimizer != "sgd":
+        fields = dict(optimizer=args.optimizer, lr=args.lr, weight_decay=1e-4,
+                      lr_schedule="cosine", **fields)
+    return {"optim": Optimization(**fields)}
 
 
 def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabels:
@@ -84,7 +95,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
     if name == "moco":
         # As for ClusterContrast below: --ema instead of 0.999 for a short run, and a queue of
         # two batches (a multiple of the batch, as MoCo requires).
-        method = MoCo(version=2, queue_size=2 * args.batch, ema_momentum=args.ema,
+        method = MoCo(version=2, queue_size=2 * args.batch, ema=EMASchedule(momentum=args.ema),
                       bn_splits=args.bn_splits, mask_own_video=args.mask_own_video,
                       **_optim(args), **_backbone(args))  # fmt: skip
         return method, [], {}
@@ -113,15 +124,15 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         # cross-view prior from the middle of training (the official start is epoch 100 of 600).
         method = GOCA(motion_channels=2, num_prototypes=args.goca_prototypes,
                       prototype_steps=2000, prior_start_epoch=max(1, args.epochs // 2),
-                      num_short_clips=2, short_clips_from="long", proj_hidden_dim=128,
-                      warmup_epochs=0.0, **_optim(args), **_backbone(args))  # fmt: skip
+                      num_short_clips=2, short_clips_from="long", head=Head(hidden_dim=128),
+                      **_optim(args, warmup_epochs=0.0), **_backbone(args))  # fmt: skip
         dm_kw = {"views": list(method.views), "motion": "flow", "flow_dir": args.flow_dir,
                  "motion_views": list(method.motion_views)}
         return method, [_SourceNMI()], dm_kw
     if name == "cluster_contrast":
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
-        method = ClusterContrast(queue_size=2 * args.batch, ema_momentum=args.ema,
+        method = ClusterContrast(queue_size=2 * args.batch, ema=EMASchedule(momentum=args.ema),
                                  hard_fraction=args.hard_fraction, positives=args.cc_positives,
                                  drop_fraction=args.drop_fraction, bn_splits=args.bn_splits,
                                  **_optim(args), **_backbone(args))  # fmt: skip

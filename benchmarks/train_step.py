@@ -92,8 +92,8 @@ def lightning_steps(model, batch, steps, device) -> list:
 def plain_steps(model, batch, steps, device) -> list:
     model.to(device).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=model.lr, momentum=model.momentum,
-                          weight_decay=model.weight_decay)  # fmt: skip
+    o = model.optim
+    opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, 0, steps))
     batch = {**batch, "views": [v.to(device) for v in batch["views"]]}
     pairs = model.momentum_pairs()
@@ -105,7 +105,7 @@ def plain_steps(model, batch, steps, device) -> list:
         opt.step()
         sched.step()
         for online, target in pairs:
-            ema_update(online, target, model.ema_momentum)
+            ema_update(online, target, model.ema.momentum)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(_now())

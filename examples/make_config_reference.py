@@ -3,6 +3,7 @@
 Usage: python examples/make_config_reference.py > docs/config_reference.md
 """
 
+import dataclasses
 import inspect
 import re
 
@@ -36,6 +37,34 @@ def _docs(cls):
     return out
 
 
+def _parameters(cls):
+    """``(name, default)`` of every argument a config can set: the class's and, through
+    ``**kwargs``, its vidssl parents' (as jsonargparse follows them)."""
+    out = {}
+    for klass in cls.__mro__:
+        if "__init__" not in klass.__dict__ or not klass.__module__.startswith("vidssl"):
+            continue
+        params = inspect.signature(klass.__init__).parameters.values()
+        for p in params:
+            if p.name != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                out.setdefault(p.name, p.default)
+        if not any(p.kind == p.VAR_KEYWORD for p in params):
+            break
+    return out
+
+
+def _group_rows(cls, name):
+    """One row per field of group ``name`` with the method's default (``settings_defaults``)."""
+    defaults = cls.settings_defaults(name)
+    fields = {p.arg_name: " ".join((p.description or "").split())
+              for p in parse(inspect.cleandoc(type(defaults).__doc__)).params}
+    rows = []
+    for field in dataclasses.fields(defaults):
+        text = fields.get(field.name, "").replace("|", "\\|")
+        rows.append(f"| `{name}.{field.name}` | {_fmt(getattr(defaults, field.name))} | {text} |")
+    return rows
+
+
 def _fmt(value):
     if value is inspect.Parameter.empty:
         return "**required**"
@@ -46,7 +75,10 @@ def main():
     print("# Config reference\n")
     print("Every argument a `vidssl fit` config can set, with its default, generated from the")
     print("signatures and docstrings by `python examples/make_config_reference.py`. A config")
-    print("names a class by `class_path` and sets arguments under `init_args`;")
+    print("names a class by `class_path` and sets arguments under `init_args`; a method's")
+    print("head, optimiser and EMA settings are groups (`optim: {lr: 0.1}`; on the command line")
+    print("`--model.init_args.optim.lr 0.1`) whose fields not set keep the method's defaults,")
+    print("listed below;")
     print("`vidssl fit --config FILE --print_config` prints the resolved config. The Trainer's")
     print("arguments are Lightning's (`trainer:`; see the Lightning documentation).\n")
     print("```yaml\nmodel:\n  class_path: vidssl.methods.SimCLR\n  init_args:\n"
@@ -62,11 +94,12 @@ def main():
             print(f"### `{path}`\n\n{summary}\n")
             print("| argument | default | meaning |\n| --- | --- | --- |")
             docs = _docs(cls)
-            for name, p in inspect.signature(cls.__init__).parameters.items():
-                if name == "self" or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+            for name, default in _parameters(cls).items():
+                if dataclasses.is_dataclass(default) and hasattr(cls, "settings_defaults"):
+                    print("\n".join(_group_rows(cls, name)))
                     continue
                 text = docs.get(name, "").replace("|", "\\|")
-                print(f"| `{name}` | {_fmt(p.default)} | {text} |")
+                print(f"| `{name}` | {_fmt(default)} | {text} |")
             print()
     print("## Linked and checked arguments\n")
     print("- `data.init_args.views` is set from the model's `views` (not set in configs); it sets")

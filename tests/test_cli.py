@@ -179,7 +179,7 @@ def test_unknown_data_class_suggests_the_right_one(tmp_path, tiny_video_root, ca
 
 def test_non_positive_learning_rate_is_one_line(tmp_path, tiny_video_root, capsys):
     cfg = _config(tmp_path, tiny_video_root)
-    assert main(["fit", "--config", str(cfg), "--model.init_args.lr=-0.1"]) == 2
+    assert main(["fit", "--config", str(cfg), "--model.init_args.optim.lr=-0.1"]) == 2
     err = capsys.readouterr().err
     assert "lr must be > 0, got -0.1" in err and "Traceback" not in err
 

@@ -15,7 +15,7 @@ from vidssl.losses.mining import (
     hard_negative_mask,
     temporal_discrimination_loss,
 )
-from vidssl.methods import ClusterContrast, ClusterTriplet
+from vidssl.methods import ClusterContrast, ClusterTriplet, Head, Optimization
 
 TINY = {"width_mult": 1 / 16}
 
@@ -59,7 +59,7 @@ def slic_loss_by_hand(m, batch, pseudo, seed):
 
 
 def test_cluster_triplet_loss_is_triplet_plus_temporal():
-    m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=32)
+    m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, head=Head(hidden_dim=32))
     m.set_pseudo_labels(torch.tensor([0, 1, 0, 1, -1, -1]))
     batch = _batch()
     torch.manual_seed(5)
@@ -82,8 +82,8 @@ def test_positive_view_is_the_hook_for_other_modalities():
             return batch["views"][1].flip(2)  # stands for a flow clip of the positive
 
     torch.manual_seed(0)
-    m = FlowTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=32)
-    base = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=32)
+    m = FlowTriplet(backbone="r3d_18", backbone_kwargs=TINY, head=Head(hidden_dim=32))
+    base = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, head=Head(hidden_dim=32))
     base.load_state_dict(m.state_dict())
     batch = _batch()
     torch.manual_seed(1)
@@ -181,7 +181,8 @@ def test_slic_trains_on_videos_with_pair_sampling(tmp_path, tiny_video_root):
     # (ClusterContrast trains in benchmarks/retrieval_synthetic.py.)
     from vidssl.data import VideoDataModule
 
-    model = ClusterTriplet(backbone_kwargs=TINY, proj_hidden_dim=32, lr=0.05)
+    model = ClusterTriplet(backbone_kwargs=TINY, head=Head(hidden_dim=32),
+                           optim=Optimization(lr=0.05))
     dm = VideoDataModule(
         train=str(tiny_video_root),
         clip_len=4,

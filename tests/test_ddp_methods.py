@@ -121,10 +121,11 @@ class _TinyBackbone(nn.Module):
 
 
 def _moco(rank):
-    from vidssl.methods import MoCo
+    from vidssl.methods import Head, MoCo
 
     torch.manual_seed(0)  # same weights and queue on both ranks, as DDP's broadcast makes them
-    model = MoCo(backbone=_TinyBackbone(), queue_size=4 * WORLD * B, proj_output_dim=6)
+    model = MoCo(backbone=_TinyBackbone(), queue_size=4 * WORLD * B,
+                 head=Head(output_dim=6))
     g = torch.Generator().manual_seed(1 + rank)  # different clips per rank
     clips = torch.randn(B, 3, 2, 8, 8, generator=g)
     # Shuffle-BN must hand every rank the keys of its own clips: with BN in eval mode (no batch

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from vidssl.callbacks.pseudo_labels import PseudoLabelState
 from vidssl.data import VideoDataModule
-from vidssl.methods import GOCA, ConfigError
+from vidssl.methods import GOCA, ConfigError, Head, Optimization
 from vidssl.methods.goca import (
     guided_codes,
     hyperspherical_prototypes,
@@ -19,7 +19,7 @@ from vidssl.methods.goca import (
 )
 
 TINY = dict(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16}, num_prototypes=12,
-            prototype_steps=30, proj_hidden_dim=32, proj_output_dim=16, num_short_clips=2)
+            prototype_steps=30, head=Head(hidden_dim=32, output_dim=16), num_short_clips=2)
 
 
 def _goca(**kw):
@@ -229,7 +229,7 @@ def test_motion_channels_must_match_the_data(tmp_path):
 # ------------------------------------------------------------------------------- resume
 def _resumable():
     return _goca(prototypes="learned", queue_length=8, queue_start_epoch=0, prior_start_epoch=1,
-                 optimizer="sgd", lr=0.05, warmup_epochs=0)
+                 optim=Optimization(optimizer="sgd", lr=0.05, warmup_epochs=0))
 
 
 class _Losses(pl.Callback):
@@ -315,7 +315,7 @@ def _video_data(root, views):
 def test_trains_on_generated_videos_without_collapse(tiny_video_root, tmp_path):
     torch.manual_seed(0)
     m = GOCA(**{**TINY, "num_prototypes": 8}, motion_channels=3,
-             prior_start_epoch=1, optimizer="sgd", lr=0.05, warmup_epochs=0)
+             prior_start_epoch=1, optim=Optimization(optimizer="sgd", lr=0.05, warmup_epochs=0))
 
     class _Record(pl.Callback):
         losses, entropies = [], []

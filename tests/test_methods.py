@@ -16,7 +16,10 @@ from torch.utils.data import DataLoader, Dataset
 from vidssl.losses import info_nce
 from vidssl.methods import (
     LARS,
+    EMASchedule,
+    Head,
     MoCo,
+    Optimization,
     SimCLR,
     VideoSSLMethod,
     cosine_momentum,
@@ -56,7 +59,7 @@ def _trainer(**kw):
 # ----------------------------------------------------------------------------- API and errors
 def test_unknown_optimizer_lists_valid():
     with pytest.raises(ValueError, match="unknown optimizer 'adam'.*sgd, adamw, lars"):
-        SimCLR(optimizer="adam", **TINY)
+        SimCLR(optim=Optimization(optimizer="adam"), **TINY)
 
 
 def test_backbone_without_feature_dim():
@@ -99,8 +102,8 @@ def test_simclr_head_has_bn():
 
 @pytest.mark.parametrize("lr", [0.0, -0.1, float("nan")])
 def test_learning_rate_must_be_positive(lr):
-    with pytest.raises(ValueError, match=r"lr must be > 0.*model.init_args.lr"):
-        SimCLR(lr=lr, **TINY)
+    with pytest.raises(ValueError, match=r"lr must be > 0.*model.init_args.optim.lr"):
+        SimCLR(optim=Optimization(lr=lr), **TINY)
 
 
 def test_batch_checks():
@@ -163,7 +166,7 @@ def test_cluster_contrast_takes_any_queue_and_batch():
 
 def test_moco_queue_is_a_ring_for_any_batch():
     """A batch that does not divide the queue wraps around: the latest K keys, oldest out."""
-    m = MoCo(queue_size=4, proj_output_dim=2, **TINY)
+    m = MoCo(queue_size=4, head=Head(output_dim=2), **TINY)
     keys = [torch.full((3, 2), float(i)) for i in range(3)]
     for i, k in enumerate(keys):
         m.enqueue(k, torch.full((3,), i))
@@ -200,7 +203,7 @@ def test_ema_update_formula():
 
 def test_moco_key_encoder_follows_by_ema_after_each_step():
     torch.manual_seed(0)
-    m = MoCo(queue_size=16, ema_momentum=0.9, **TINY)
+    m = MoCo(queue_size=16, ema=EMASchedule(momentum=0.9), **TINY)
     key_before = copy.deepcopy(m.key_backbone.state_dict())
     _trainer(max_steps=1).fit(m, DataLoader(_Views(), batch_size=4))
     online = m.backbone.state_dict()
@@ -329,7 +332,7 @@ def test_lars_step_matches_formula():
 
 
 def test_lr_schedule_is_stepped_per_step():
-    m = SimCLR(optimizer="lars", lr=1.0, warmup_epochs=1, **TINY)
+    m = SimCLR(optim=Optimization(optimizer="lars", lr=1.0, warmup_epochs=1), **TINY)
     lrs = []
 
     class Rec(pl.Callback):
@@ -352,7 +355,7 @@ def test_doc_example_is_short_and_trains():
     assert len(code.strip().splitlines()) < 60
     namespace = {}
     exec(compile(code, str(DOC), "exec"), namespace)
-    byol = namespace["BYOL"](proj_hidden_dim=32, proj_output_dim=16, **TINY)
+    byol = namespace["BYOL"](head=Head(hidden_dim=32, output_dim=16), **TINY)
     assert isinstance(byol, VideoSSLMethod)
     target_before = copy.deepcopy(byol.target_backbone.state_dict())
     online_before = copy.deepcopy(byol.backbone.state_dict())
@@ -437,7 +440,7 @@ def test_cluster_guided_doc_example_is_short_and_takes_the_callbacks_labels(tiny
     namespace = {}
     exec(compile(code, str(DOC), "exec"), namespace)
     torch.manual_seed(0)
-    method = namespace["PseudoSupCon"](proj_hidden_dim=32, proj_output_dim=16, **TINY)
+    method = namespace["PseudoSupCon"](head=Head(hidden_dim=32, output_dim=16), **TINY)
     assert isinstance(method, PseudoLabelConsumer)
     dm = VideoDataModule(train=str(tiny_video_root), clip_len=4, stride=2, short_side=32,
                          crop_size=32, batch_size=4, num_workers=0, views=method.views)

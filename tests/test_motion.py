@@ -17,6 +17,7 @@ import pytest
 from scipy.ndimage import binary_erosion
 
 from vidssl.cli import main
+from vidssl.data import motion_vectors as mv_module
 from vidssl.data.flow import (
     FlowMissingError,
     compute_flow,
@@ -204,13 +205,15 @@ def test_killed_flow_command_leaves_only_complete_files(tmp_path):
 
 
 # ---------------------------------------------------------------------------- motion vectors
-def _sprite_file(tmp_path, codec: str, max_b_frames: int = 0, velocity=(2, 1)):
+def _sprite_file(tmp_path, codec: str, max_b_frames: int = 0, velocity=(2, 1), num_frames=12,
+                 options=None):
     if codec not in av.codecs_available:
         pytest.skip(f"this PyAV build has no {codec} encoder")
-    frames, masks = moving_sprite(num_frames=12, width=128, height=96, velocity=velocity)
+    frames, masks = moving_sprite(num_frames=num_frames, width=128, height=96, velocity=velocity,
+                                  sprite=40 if num_frames <= 12 else 24)
     ext = {"libx264": "mp4", "mpeg2video": "mpg"}.get(codec, "avi")
-    path = tmp_path / f"{codec}_{max_b_frames}.{ext}"
-    write_video(path, frames, codec=codec, max_b_frames=max_b_frames)
+    path = tmp_path / f"{codec}_{max_b_frames}_{num_frames}.{ext}"
+    write_video(path, frames, codec=codec, max_b_frames=max_b_frames, options=options)
     return path, masks
 
 
@@ -239,7 +242,9 @@ def test_motion_vectors_point_the_way_the_sprite_moves(tmp_path, codec, velocity
 def test_p_frame_vectors_are_divided_by_their_reference_distance(tmp_path):
     path, masks = _sprite_file(tmp_path, "mpeg4", max_b_frames=2)
     field, has = read_motion_vectors(str(path), [3, 1, 0], with_flags=True)
-    assert has.tolist() == [True, True, False]
+    # Frame 1 is a B-frame: FFmpeg's MPEG-4 Part 2 decoder exports zero vectors for every block
+    # of a B-frame, which vidssl reports as "no vectors".
+    assert has.tolist() == [True, False, False]
     # Frame 3 is a P-frame predicted from frame 0 (two B-frames between): 3 frames of motion.
     med = np.median(field[0][_interior(masks[3])].astype(np.float32), axis=0)
     assert np.allclose(med, (2, 1), atol=0.3), med
@@ -283,3 +288,140 @@ def test_motion_vectors_of_a_codec_without_them_are_flagged(tmp_path):
     assert not has.any() and not field.any()
     with pytest.raises(IndexError, match="only 4 decodable frames"):
         read_motion_vectors(str(path), [4])
+
+
+def _all_vectors(path, options: dict) -> list:
+    """Every frame's raw motion-vector records (None without), decoded with ``options``."""
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        stream.codec_context.options = options
+        out = []
+        for frame in container.decode(stream):
+            side = frame.side_data.get("MOTION_VECTORS")
+            out.append(None if side is None else side.to_ndarray())
+    return out
+
+
+@pytest.mark.parametrize("codec,b,options", [("mpeg4", 0, None), ("mpeg4", 2, None),
+                                             ("mpeg2video", 2, None), ("libx264", 0, None),
+                                             ("libx264", 0, {"bf": "0"})])
+def test_decoding_without_pixels_exports_the_same_vectors(tmp_path, codec, b, options):
+    # The reader asks FFmpeg to skip the inverse transform, motion compensation and deblocking
+    # (mv_module._MV_OPTIONS): the vectors are bitstream syntax and must come out bit-identical.
+    path, _ = _sprite_file(tmp_path, codec, b, velocity=(1, 1), num_frames=30, options=options)
+    full = _all_vectors(path, {"flags2": "+export_mvs"})
+    fast = _all_vectors(path, dict(mv_module._MV_OPTIONS))
+    assert mv_module._MV_OPTIONS["skip_idct"] == "all"
+    assert len(fast) == len(full) == 30
+    assert sum(m is not None and bool(np.any(m["motion_x"])) for m in full) >= 5  # not vacuous
+    for k, (a, b_) in enumerate(zip(full, fast)):
+        assert (a is None) == (b_ is None), k
+        assert a is None or np.array_equal(a, b_), k
+
+
+def _decode_from_frame_0(monkeypatch):
+    """Make ``read_motion_vectors`` decode every frame from frame 0 (its fallback path)."""
+    def refuse(*args):
+        raise mv_module._JumpFailed
+
+    monkeypatch.setattr(mv_module, "_decode_wanted", refuse)
+    monkeypatch.setattr(mv_module, "_packets_from_keyframe", refuse)
+
+
+@pytest.mark.parametrize("codec,b,options,path_taken", [
+    ("mpeg4", 0, None, "wanted frames"),   # no B-frames: frame 0 and the wanted frames only
+    ("libx264", 0, {"bf": "0"}, "key 36"),  # no B-frames: from the keyframe 36 on
+    ("mpeg4", 2, None, "frame 0"),          # B-frames: every frame from frame 0
+    ("libx264", 0, None, "frame 0"),
+])
+def test_a_clip_late_in_the_video_equals_the_sequential_decode(tmp_path, monkeypatch, codec, b,
+                                                               options, path_taken):
+    path, masks = _sprite_file(tmp_path, codec, b, velocity=(1, 1), num_frames=60,
+                               options=options)
+    idx = [49, 41, 45, 43, 41, 39]  # any order, a repeat; keyframes at 0, 12, 24, 36, 48
+    taken = []
+    wanted, jump = mv_module._decode_wanted, mv_module._packets_from_keyframe
+
+    def spy_wanted(packets, want, last):
+        taken.append("wanted frames")
+        return wanted(packets, want, last)
+
+    def spy_jump(packets, start):
+        out = jump(packets, start)
+        taken.append(f"key {out[1]}")
+        return out
+
+    monkeypatch.setattr(mv_module, "_decode_wanted", spy_wanted)
+    monkeypatch.setattr(mv_module, "_packets_from_keyframe", spy_jump)
+    field, has = read_motion_vectors(str(path), idx, size=(64, 48), with_flags=True)
+    codes = read_motion_vectors(str(path), idx, size=(64, 48), quantized=True)
+    assert taken == ([path_taken] * 2 if path_taken != "frame 0" else [])
+    _decode_from_frame_0(monkeypatch)
+    seq_field, seq_has = read_motion_vectors(str(path), idx, size=(64, 48), with_flags=True)
+    assert np.array_equal(field, seq_field) and np.array_equal(has, seq_has)
+    assert np.array_equal(codes, quantize_flow(seq_field))
+    assert has.sum() >= 2 and field[has].any()  # vectors to compare: not vacuous
+    if codec == "mpeg4" and not b:  # P-frames after the keyframe: the sprite's (+1, +1) / 2
+        meds = [np.median(field[k][_interior(masks[t], 2)].astype(np.float32), axis=0)
+                for k, t in enumerate(idx)]
+        assert np.all(np.array(meds) > 0), meds
+        assert np.allclose(np.median(meds, axis=0), (0.5, 0.5), atol=0.2), meds
+
+
+def test_a_late_clip_of_a_real_video_equals_the_sequential_decode(real_videos, monkeypatch):
+    # vtest.avi: MS-MPEG4 v3 (DivX 3), 795 frames, keyframes 0, 250, 500, 750, no B-frames:
+    # only the wanted frames are decoded, across the keyframe 750 too.
+    path = str(real_videos / "vtest.avi")
+    idx = np.concatenate([np.arange(600, 632, 2), np.arange(740, 772, 2)])
+    fast, has = read_motion_vectors(path, idx, size=(171, 128), with_flags=True)
+    _decode_from_frame_0(monkeypatch)
+    seq, seq_has = read_motion_vectors(path, idx, size=(171, 128), with_flags=True)
+    assert has.sum() == len(idx) - 1 and np.array_equal(has, seq_has)  # 750 is an I-frame
+    assert np.array_equal(fast, seq) and np.abs(fast).max() > 0.5
+
+
+def _paint_by_hand(mvs, coded, size, distances):
+    """Reference rasteriser: each block painted pixel by pixel at the coded size, then sampled."""
+    acc = np.zeros((coded[1], coded[0], 2))
+    cnt = np.zeros((coded[1], coded[0]))
+    for r in mvs:
+        d = distances[0] if r["source"] < 0 else distances[1]
+        v = np.sign(r["source"]) / d * np.array([r["motion_x"], r["motion_y"]]) / max(
+            int(r["motion_scale"]), 1)
+        w, h, x, y = (int(r[n]) for n in ("w", "h", "dst_x", "dst_y"))
+        acc[max(y - h // 2, 0):y + h // 2, max(x - w // 2, 0):x + w // 2] += v
+        cnt[max(y - h // 2, 0):y + h // 2, max(x - w // 2, 0):x + w // 2] += 1
+    field = acc / np.maximum(cnt, 1)[..., None]
+    sx, sy = size[0] / coded[0], size[1] / coded[1]
+    gx = ((np.arange(size[0]) + 0.5) / sx).astype(int)
+    gy = ((np.arange(size[1]) + 0.5) / sy).astype(int)
+    return field[gy][:, gx] * (sx, sy)
+
+
+def _check_rasterized(records, coded, size):
+    """The vectorised rasteriser against ``_paint_by_hand``; returns the uint8 codes."""
+    distances = ([(1, 1), (2, 1), (1, 3)] * len(records))[:len(records)]
+    fields = mv_module._rasterize_frames(records, distances, coded, size, np.float32)
+    codes = mv_module._rasterize_frames(records, distances, coded, size, quantized=True)
+    for k, mvs in enumerate(records):
+        want = _paint_by_hand(mvs, coded, size, distances[k])
+        assert np.allclose(fields[k], want, atol=1e-5), k
+        assert np.array_equal(fields[k] == 0, want == 0), k  # still blocks read exactly 0
+        assert np.array_equal(codes[k], quantize_flow(want.astype(np.float16))), k
+        assert np.array_equal(rasterize_motion_vectors(mvs, coded, size, distances[k]), fields[k])
+    return codes
+
+
+@pytest.mark.parametrize("codec", ["mpeg4", "libx264"])  # 16x16/8x8 blocks; down to 4x4
+def test_rasterized_frames_equal_blocks_painted_by_hand(tmp_path, codec):
+    path, _ = _sprite_file(tmp_path, codec, velocity=(-3, 2))
+    records = [m for m in _all_vectors(path, {"flags2": "+export_mvs"}) if m is not None]
+    codes = _check_rasterized(records, (128, 96), (64, 48))
+    assert (codes == 128).mean() > 0.5  # the background: no motion is code 128, never 127
+
+
+def test_rasterized_frames_of_a_real_video_equal_blocks_painted_by_hand(real_videos):
+    # 768x576 MS-MPEG4 blocks scaled to 171x128. A still block must read exactly 0 (code 128):
+    # a running sum over the frame once left +-1e-7 there, coded 127 or 128 by its sign.
+    records = _all_vectors(real_videos / "vtest.avi", {"flags2": "+export_mvs"})[1:9]
+    _check_rasterized(records, (768, 576), (171, 128))

@@ -19,7 +19,7 @@ from vidssl.evaluation import (
     recall_at_k,
 )
 from vidssl.evaluation.embed import EmbeddingsMismatchError, MotionClipReader
-from vidssl.methods import ClusterTriplet
+from vidssl.methods import ClusterTriplet, Head
 
 TINY = {"width_mult": 1 / 16}
 
@@ -121,7 +121,7 @@ def test_motion_features_need_motion_data_and_a_motion_encoder():
 @pytest.mark.parametrize("mode", ["x3", "xy"])
 def test_checkpoint_trained_with_motion_loads_as_a_shared_encoder(tmp_path, mode):
     torch.manual_seed(0)
-    m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=16,
+    m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, head=Head(hidden_dim=16),
                        motion_prob=0.25, motion_input=mode)
     if mode == "xy":
         with torch.no_grad():
@@ -136,7 +136,7 @@ def test_checkpoint_trained_with_motion_loads_as_a_shared_encoder(tmp_path, mode
     torch.testing.assert_close(enc(x), m(x))
     torch.testing.assert_close(enc.encode_motion(f), m.encode_motion(f))
     # an RGB-only checkpoint stays a plain backbone
-    rgb = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=16)
+    rgb = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, head=Head(hidden_dim=16))
     torch.save({"state_dict": rgb.state_dict(), "hyper_parameters": dict(rgb.hparams)}, path)
     assert isinstance(load_encoder(path)[0], vb.VideoResNet)
 
@@ -206,7 +206,7 @@ def test_embed_command_with_motion_features(tmp_path, capsys):
         frames, _ = moving_sprite(num_frames=8, width=64, height=48, velocity=v, sprite=24)
         write_video(root / name, frames, codec="mpeg4")
     flow_dataset(root, tmp_path / "flow", method="farneback", short_side=48, workers=1)
-    m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, proj_hidden_dim=16,
+    m = ClusterTriplet(backbone="r3d_18", backbone_kwargs=TINY, head=Head(hidden_dim=16),
                        motion_prob=0.25)
     ckpt = tmp_path / "m.ckpt"
     torch.save({"state_dict": m.state_dict(), "hyper_parameters": dict(m.hparams)}, ckpt)

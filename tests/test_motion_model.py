@@ -10,7 +10,7 @@ import torch
 from test_cluster_methods import slic_loss_by_hand
 
 import vidssl.backbones as vb
-from vidssl.methods import ClusterTriplet
+from vidssl.methods import ClusterTriplet, Head
 from vidssl.methods.base import ConfigError
 
 TINY = {"width_mult": 1 / 16}
@@ -33,7 +33,7 @@ def _batch(b=6, seed=0, t=4, size=32, motion=True):
 
 
 def _triplet(**kwargs):
-    kwargs = {"backbone": "r3d_18", "backbone_kwargs": TINY, "proj_hidden_dim": 32, **kwargs}
+    kwargs = {"backbone": "r3d_18", "backbone_kwargs": TINY, "head": Head(hidden_dim=32), **kwargs}
     return ClusterTriplet(**kwargs)
 
 

@@ -14,6 +14,7 @@ from torch.utils.data.distributed import DistributedSampler
 from vidssl import clustering
 from vidssl.callbacks.pseudo_labels import PseudoLabels, hard_negative_fn_rate, pair_error_rates
 from vidssl.data.cluster_sampler import ClusterBatchSampler
+from vidssl.methods import Head, Optimization
 from vidssl.methods.cluster_triplet import ClusterTriplet
 
 N_CLASSES, PER_CLASS = 4, 8
@@ -110,7 +111,8 @@ class TinyBackbone(nn.Module):
 
 
 def _model():
-    return ClusterTriplet(backbone=TinyBackbone(), proj_hidden_dim=16, proj_output_dim=8, lr=0.05)
+    return ClusterTriplet(backbone=TinyBackbone(), head=Head(hidden_dim=16, output_dim=8),
+                          optim=Optimization(lr=0.05))
 
 
 def _trainer(tmp_path, callbacks, max_epochs, **kw):

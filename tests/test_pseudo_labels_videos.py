@@ -13,7 +13,7 @@ from vidssl import clustering
 from vidssl.callbacks.pseudo_labels import PseudoLabels, PseudoLabelState
 from vidssl.data import VideoDataModule
 from vidssl.data.synthetic import write_synthetic_dataset
-from vidssl.methods import ClusterContrast, ClusterTriplet
+from vidssl.methods import ClusterContrast, ClusterTriplet, Head
 
 BROKEN = "MoveLeft/zz_broken.avi"
 
@@ -53,7 +53,7 @@ def _model(cls=ClusterTriplet):
     kw = dict(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16})
     if cls is ClusterContrast:
         return ClusterContrast(queue_size=8, **kw)
-    return ClusterTriplet(proj_hidden_dim=16, proj_output_dim=8, **kw)
+    return ClusterTriplet(head=Head(hidden_dim=16, output_dim=8), **kw)
 
 
 def _trainer(tmp_path, callbacks, **kw):

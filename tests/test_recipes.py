@@ -151,10 +151,11 @@ def _retrieval_dm(root):
 
 
 def _tiny_simclr():
-    from vidssl.methods import SimCLR
+    from vidssl.methods import Head, SimCLR
 
     torch.manual_seed(0)
-    return SimCLR(backbone="r3d_18", backbone_kwargs={"width_mult": 0.0625}, proj_output_dim=8)
+    return SimCLR(backbone="r3d_18", backbone_kwargs={"width_mult": 0.0625},
+                  head=Head(output_dim=8))
 
 
 class _ClipCounter(torch.nn.Module):
@@ -218,7 +219,7 @@ def trained_ckpt(tmp_path_factory, tiny_video_root):
         "seed_everything": 0,
         "model": {"class_path": "SimCLR", "init_args": {
             "backbone": "r3d_18", "backbone_kwargs": {"width_mult": 0.0625},
-            "proj_output_dim": 8}},
+            "head": {"output_dim": 8}}},
         "data": {"class_path": "VideoDataModule", "init_args": {
             "train": str(tiny_video_root), "clip_len": 4, "stride": 1, "crop_size": 32,
             "short_side": 40, "batch_size": 4, "num_workers": 0}},

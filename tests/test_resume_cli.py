@@ -71,7 +71,7 @@ def _config(tmp_path, root, extra):
         "model": {
             "class_path": "vidssl.methods.ClusterContrast",
             "init_args": {"backbone": "r3d_18", "backbone_kwargs": {"width_mult": 0.0625},
-                          "queue_size": 8, "lr": 0.01},
+                          "queue_size": 8, "optim": {"lr": 0.01}},
         },
         "data": {
             "class_path": "vidssl.data.VideoDataModule",

@@ -5,7 +5,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from vidssl.methods import MoCo, SimCLR
+from vidssl.methods import MoCo, Optimization, SimCLR
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +37,8 @@ def _model(name):
     torch.manual_seed(0)
     common = dict(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16})
     if name == "moco":
-        return MoCo(queue_size=12, lr=0.1, **common)
-    return SimCLR(optimizer="lars", lr=0.5, warmup_epochs=1, **common)
+        return MoCo(queue_size=12, optim=Optimization(lr=0.1), **common)
+    return SimCLR(optim=Optimization(optimizer="lars", lr=0.5, warmup_epochs=1), **common)
 
 
 def _fit(model, tmp_path, ckpt_path=None):

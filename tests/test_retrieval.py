@@ -106,9 +106,10 @@ def _datamodule(root, **kw):
 
 
 def _tiny():
-    from vidssl.methods import SimCLR
+    from vidssl.methods import Optimization, SimCLR
 
-    return SimCLR(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16}, lr=0.01)
+    return SimCLR(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16},
+                  optim=Optimization(lr=0.01))
 
 
 @pytest.mark.slow

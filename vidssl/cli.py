@@ -72,6 +72,26 @@ def _lightning_cli_class() -> type:
           batches) are reported as one line.
         """
 
+        def init_parser(self, **kwargs: Any) -> LightningArgumentParser:
+            # Every parser (the main one and each subcommand's) reads YAML through vidssl's
+            # loader, which moves a method's legacy flat keys into their groups.
+            kwargs.setdefault("parser_mode", _legacy_yaml_mode())
+            return super().init_parser(**kwargs)
+
+        def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+            try:
+                super().parse_arguments(parser, args)
+            except _LegacyOption as e:
+                # Flat legacy options of a method (--model.init_args.lr): moved into their
+                # groups and parsed again; a config file's are moved by its loader.
+                if isinstance(args, dict):
+                    raise
+                given = list(sys.argv[1:] if args is None else args)
+                renamed = rename_legacy_options(given, e.class_path)
+                if renamed == given:
+                    raise
+                super().parse_arguments(parser, renamed)
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # The method knows which views its loss reads; the data module has to produce
             # exactly those. Linking on instantiation reads the attribute of whichever method
@@ -128,6 +148,61 @@ def _lightning_cli_class() -> type:
 
     _VidsslCLI.parser_class_for_vidssl = _Parser
     return _VidsslCLI
+
+
+_LEGACY_MODE = "vidssl_yaml"
+
+
+def _legacy_yaml_mode() -> str:
+    """Register (once) and return the parser mode that loads YAML with :func:`migrate_config`."""
+    from jsonargparse import get_loader, set_loader
+
+    try:
+        get_loader(_LEGACY_MODE)
+    except KeyError:
+        import yaml
+
+        yaml_load = get_loader("yaml")
+        set_loader(_LEGACY_MODE, lambda text: migrate_config(yaml_load(text)),
+                   exceptions=(yaml.YAMLError,))
+    return _LEGACY_MODE
+
+
+def _method_class(class_path: str) -> Optional[type]:
+    """Return the ``VideoSSLMethod`` subclass ``class_path`` names (short names too), or None."""
+    import importlib
+
+    from vidssl.methods import VideoSSLMethod
+
+    module, _, name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module or "vidssl.methods"), name)
+    except (ImportError, AttributeError, ValueError):
+        return None
+    return cls if isinstance(cls, type) and issubclass(cls, VideoSSLMethod) else None
+
+
+def migrate_config(value: Any) -> Any:
+    """Return ``value`` (loaded YAML) with each method's legacy flat keys in their groups.
+
+    Every ``{class_path: <a VideoSSLMethod>, init_args: {...}}`` in it has its flat names
+    (``lr``, ``proj_output_dim``, ``ema_momentum``, ...) moved into ``optim`` / ``head`` /
+    ``ema`` with a ``FutureWarning`` naming the new keys, unless the class takes the name
+    itself. Everything else is returned as it is.
+    """
+    if isinstance(value, list):
+        return [migrate_config(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    out = {k: migrate_config(v) for k, v in value.items()}
+    cls = _method_class(out["class_path"]) if isinstance(out.get("class_path"), str) else None
+    if cls is not None and isinstance(out.get("init_args"), dict):
+        from vidssl.methods.settings import migrate_legacy_names, warn_legacy
+
+        out["init_args"], moved = migrate_legacy_names(out["init_args"],
+                                                       keep=cls.declared_arguments())
+        warn_legacy(moved)
+    return out
 
 
 def _clean(error: Exception) -> str:
@@ -221,6 +296,11 @@ def _config_error(message: str, ex: Optional[Exception], parser: Any) -> str:
     m = _CLASS_OPTION.search(message)
     if m:
         class_path, key = m.groups()
+        moved = _legacy_key(class_path, key)
+        if moved:
+            raise _LegacyOption(
+                f"{section}.init_args.{key} is now {section}.init_args.{moved} ({class_path}: "
+                "the head, optimisation and EMA settings are groups)", class_path)
         return _unknown_key(key, f"{section}.init_args ({class_path})", _init_args(class_path))
     m = _CLASS_PROBLEM.search(message)
     if m:
@@ -250,6 +330,54 @@ def _config_error(message: str, ex: Optional[Exception], parser: Any) -> str:
         return (f"{_clean_union(message)}\n"
                 f"valid {section} class_path values: {', '.join(names)}")
     return _clean_union(message) + "\n(vidssl fit --help lists every option)"
+
+
+class _LegacyOption(CLIError):
+    """A method's flat legacy key on the command line (``--model.init_args.lr``)."""
+
+    def __init__(self, message: str, class_path: str) -> None:
+        super().__init__(message)
+        self.class_path = class_path
+
+
+def _legacy_key(class_path: str, key: str) -> Optional[str]:
+    """Return ``group.field`` when ``key`` is a legacy flat name of method ``class_path``."""
+    from vidssl.methods.settings import LEGACY_NAMES
+
+    cls = _method_class(class_path)
+    if cls is None or key not in LEGACY_NAMES or key in cls.declared_arguments():
+        return None
+    return ".".join(LEGACY_NAMES[key])
+
+
+_FLAT_OPTION = re.compile(r"^--model\.(?:init_args\.)?(\w+)(=.*)?$")
+
+
+def rename_legacy_options(args: Sequence[str], class_path: str) -> List[str]:
+    """Return ``args`` with method ``class_path``'s flat options moved into their groups.
+
+    ``--model.init_args.lr 0.1`` (or ``--model.lr=0.1``) becomes
+    ``--model.init_args.optim.lr 0.1``, with a ``FutureWarning`` naming each; a flat
+    ``proj_hidden_dim`` of ``null`` becomes ``head.hidden_dim`` 0 (the feature size).
+    """
+    from vidssl.methods.settings import warn_legacy
+
+    out, moved = list(args), []
+    for i, arg in enumerate(out):
+        m = _FLAT_OPTION.match(arg)
+        new = _legacy_key(class_path, m.group(1)) if m else None
+        if not new:
+            continue
+        value = m.group(2)
+        out[i] = f"--model.init_args.{new}{value or ''}"
+        if m.group(1) == "proj_hidden_dim":
+            if value is not None and value[1:] in ("null", "None", "~"):
+                out[i] = f"--model.init_args.{new}=0"
+            elif value is None and i + 1 < len(out) and out[i + 1] in ("null", "None", "~"):
+                out[i + 1] = "0"
+        moved.append(f"{m.group(1)} -> {new}")
+    warn_legacy(moved, "--model.init_args")
+    return out
 
 
 def _unknown_key(key: str, where: str, valid: Sequence[str]) -> str:

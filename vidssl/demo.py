@@ -196,20 +196,22 @@ def _build_method(s: DemoSettings):
     if s.method not in DEMO_METHODS:
         raise ValueError(f"unknown demo method {s.method!r}; choose one of "
                          f"{', '.join(DEMO_METHODS)}")
-    common = dict(backbone="r3d_18", backbone_kwargs={"width_mult": s.width_mult},
-                  optimizer="adamw", lr=s.lr, weight_decay=1e-4, lr_schedule="cosine")
+    common = dict(backbone="r3d_18", backbone_kwargs={"width_mult": s.width_mult})
+    optim = dict(optimizer="adamw", lr=s.lr, weight_decay=1e-4, lr_schedule="cosine")
     if s.method == "ClusterTriplet":
         # A smaller head than SLIC's 2048 hidden units for the CPU.
-        return methods.ClusterTriplet(proj_hidden_dim=128, **common), True
+        return methods.ClusterTriplet(head=methods.Head(hidden_dim=128),
+                                      optim=methods.Optimization(**optim), **common), True
     if s.method == "GOCA":
         # Frame differences as the motion view (made on the device: nothing to precompute), 30
         # prototypes for a few hundred clips (the paper's 1000 are for Kinetics), short clips
         # cut from the long ones, the cross-view prior from the middle of training.
         return methods.GOCA(motion_channels=3, num_prototypes=30, prototype_steps=2000,
                             prior_start_epoch=max(1, s.epochs // 2), num_short_clips=2,
-                            short_clips_from="long", proj_hidden_dim=128, warmup_epochs=0.0,
+                            short_clips_from="long", head=methods.Head(hidden_dim=128),
+                            optim=methods.Optimization(warmup_epochs=0.0, **optim),
                             **common), False
-    return methods.SimCLR(**common), False
+    return methods.SimCLR(optim=methods.Optimization(**optim), **common), False
 
 
 def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:

@@ -312,8 +312,7 @@ class VideoDataset(Dataset):
             return quantize_flow(read_flow(self.flow_dir, rel, idx, size, bound=self.flow_bound))
         from vidssl.data.motion_vectors import read_motion_vectors
 
-        field = read_motion_vectors(str(self.index.paths[i]), idx, size, self.decode_threads)
-        return quantize_flow(field)
+        return read_motion_vectors(str(self.index.paths[i]), idx, size, quantized=True)
 
     def _instance_clips(self, n: int, rng: np.random.Generator) -> list[np.ndarray]:
         if self.mode == "eval":

@@ -1,14 +1,19 @@
 """Motion vectors read from the compressed stream on the fly: a dense motion field per frame.
 
 No pre-computation: PyAV decodes the frames up to the last one asked for with FFmpeg's
-``export_mvs`` and each block's vector is painted over its block, at the RGB decode size.
+``export_mvs`` (without their pixels; where the stream has no B-frames, only the clip's frames
+or from the keyframe before the clip) and each block's vector is painted over its block, at the
+RGB decode size.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Sequence
 
 import numpy as np
+
+from vidssl.data.flow import quantize_flow
 
 __all__ = ["MV_CODECS", "read_motion_vectors", "rasterize_motion_vectors"]
 
@@ -20,8 +25,11 @@ MV_CODECS: frozenset[str] = frozenset(
      "h263", "h263p", "flv1", "h264"}
 )
 
-_B_FRAME = 3  # AVPictureType: 1 I, 2 P, 3 B
+_I_FRAME, _P_FRAME, _B_FRAME = 1, 2, 3  # AVPictureType
 _CELL = 4  # coded pixels per rasterisation cell
+#: Decoder options: vectors are bitstream syntax, so FFmpeg may skip the pixel work (inverse
+#: transform and motion compensation, deblocking); the exported vectors are the same (tested).
+_MV_OPTIONS = {"flags2": "+export_mvs", "skip_idct": "all", "skip_loop_filter": "all"}
 
 
 def rasterize_motion_vectors(
@@ -50,37 +58,76 @@ def rasterize_motion_vectors(
         size: ``(width, height)`` of the output field.
         distances: frames between this frame and its past and its future reference.
     """
+    return _rasterize_frames([mvs], [distances], coded_size, size, np.float32)[0]
+
+
+def _rasterize_frames(
+    records: list[np.ndarray],
+    distances: list[tuple[int, int]],
+    coded_size: tuple[int, int],
+    size: tuple[int, int],
+    dtype: type = np.float16,
+    quantized: bool = False,
+) -> np.ndarray:
+    """:func:`rasterize_motion_vectors` of several frames at once: ``F x H x W x 2`` of ``dtype``.
+
+    One scatter and one gather for all frames (no per-block Python). With ``quantized``, the
+    uint8 codes of :func:`vidssl.data.flow.quantize_flow` of that field instead.
+    """
     width, height = size
     sx, sy = width / coded_size[0], height / coded_size[1]
-    if len(mvs) == 0:
-        return np.zeros((height, width, 2), np.float32)
-    source = mvs["source"].astype(np.float32)
-    scale = np.maximum(mvs["motion_scale"].astype(np.float32), 1.0)
-    dist = np.where(source < 0, distances[0], distances[1]).astype(np.float32)
-    sign = np.sign(source) / dist
+    counts = np.array([len(m) for m in records])
+    out_dtype = np.uint8 if quantized else dtype
+    if counts.sum() == 0:
+        zero = np.zeros((len(records), height, width, 2), dtype)
+        return quantize_flow(zero) if quantized else zero
+    present = [m for m in records if len(m)]
+    # One buffer: np.concatenate of structured arrays re-checks their fields each call.
+    mvs = np.frombuffer(b"".join(m.tobytes() for m in present), present[0].dtype)
+    frame = np.repeat(np.arange(len(records)), counts)
+    past, future = np.asarray(distances, np.float64).reshape(-1, 2)[frame].T
+    source = mvs["source"].astype(np.float64)
+    scale = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0)
+    sign = np.sign(source) / np.where(source < 0, past, future)
     vx = sign * mvs["motion_x"] / scale * sx
     vy = sign * mvs["motion_y"] / scale * sy
-    # Blocks are aligned to 4 coded pixels (H.264's smallest is 4x4): paint on that grid, with
-    # +v at two corners of each rectangle and -v at the other two, then a 2-D cumsum; a nearest
-    # lookup maps output pixels onto the grid.
-    gw, gh = -(-coded_size[0] // _CELL), -(-coded_size[1] // _CELL)
+    # Paint on a grid of square cells that every block edge lies on: 4 coded pixels (H.264's
+    # smallest block is 4x4), 8 or 16 when all blocks are aligned so (MPEG-4: 16x16 or 8x8).
+    # Each block is spread over the cells it covers and every cell gets the mean of its blocks'
+    # vectors (one bincount per channel for all frames); a nearest lookup maps output pixels
+    # onto the grid. The cell size changes nothing but the cost.
     half_w, half_h = mvs["w"].astype(np.int64) // 2, mvs["h"].astype(np.int64) // 2
     dst_x, dst_y = mvs["dst_x"].astype(np.int64), mvs["dst_y"].astype(np.int64)
-    x0 = np.clip((dst_x - half_w) // _CELL, 0, gw - 1)
-    y0 = np.clip((dst_y - half_h) // _CELL, 0, gh - 1)
-    x1 = np.clip(-(-(dst_x + half_w) // _CELL), x0 + 1, gw)
-    y1 = np.clip(-(-(dst_y + half_h) // _CELL), y0 + 1, gh)
-    acc = np.zeros((3, gh + 1, gw + 1), np.float32)
-    for k, v in enumerate((vx, vy, np.ones_like(vx))):
-        np.add.at(acc[k], (y0, x0), v)
-        np.add.at(acc[k], (y0, x1), -v)
-        np.add.at(acc[k], (y1, x0), -v)
-        np.add.at(acc[k], (y1, x1), v)
-    acc = acc.cumsum(axis=1).cumsum(axis=2)[:, :gh, :gw]
-    grid = acc[:2] / np.maximum(np.round(acc[2]), 1.0)
-    gx = np.minimum(((np.arange(width) + 0.5) / sx / _CELL).astype(np.int64), gw - 1)
-    gy = np.minimum(((np.arange(height) + 0.5) / sy / _CELL).astype(np.int64), gh - 1)
-    return np.ascontiguousarray(grid[:, gy][:, :, gx].transpose(1, 2, 0))
+    edges = np.concatenate([dst_x - half_w, dst_y - half_h, dst_x + half_w, dst_y + half_h])
+    cell = next(c for c in (16, 8, _CELL) if c == _CELL or not np.any(edges % c))
+    gw, gh = -(-coded_size[0] // cell), -(-coded_size[1] // cell)
+    x0 = np.clip((dst_x - half_w) // cell, 0, gw - 1)
+    y0 = np.clip((dst_y - half_h) // cell, 0, gh - 1)
+    nx = np.clip(-(-(dst_x + half_w) // cell), x0 + 1, gw) - x0
+    ny = np.clip(-(-(dst_y + half_h) // cell), y0 + 1, gh) - y0
+    cells = nx * ny
+    if np.all(cells == 1):  # every block one cell (MPEG-4 without 8x8 blocks): no spreading
+        block, at = slice(None), (frame * gh + y0) * gw + x0
+    else:
+        block = np.repeat(np.arange(len(mvs)), cells)
+        local = np.arange(len(block)) - np.repeat(np.cumsum(cells) - cells, cells)
+        at = (frame[block] * gh + y0[block] + local // nx[block]) * gw + x0[block] + local % nx[
+            block]
+    n_all = len(records) * gh * gw
+    count = np.maximum(np.bincount(at, minlength=n_all), 1)
+    grid = np.empty((len(records), gh, gw, 2), dtype)
+    for k, v in enumerate((vx, vy)):
+        grid[..., k] = (np.bincount(at, v[block], minlength=n_all) / count).reshape(
+            len(records), gh, gw)
+    if quantized:  # on the grid: the same codes as on the field, for a fraction of the work
+        grid = quantize_flow(grid)
+    gx = np.minimum(((np.arange(width) + 0.5) / sx / cell).astype(np.int64), gw - 1)
+    gy = np.minimum(((np.arange(height) + 0.5) / sy / cell).astype(np.int64), gh - 1)
+    # (x, y) pairs viewed as single integers of twice the item size; columns first on the small
+    # grid, then whole rows.
+    pairs = np.ascontiguousarray(grid).view(f"u{2 * grid.itemsize}")[..., 0]
+    out = pairs.take(gx, axis=2).take(gy, axis=1)
+    return out[..., None].view(grid.dtype).astype(out_dtype, copy=False)
 
 
 def _anchor_distances(types: list[int], k: int) -> tuple[int, int]:
@@ -94,38 +141,163 @@ def _anchor_distances(types: list[int], k: int) -> tuple[int, int]:
     return past, future
 
 
+#: Decoders whose P-frame vectors are coded from the frame alone (each predicted from its
+#: neighbours in the same frame; tested against the sequential decode): in a stream without
+#: B-frames only the wanted frames need decoding.
+_FRAME_BY_FRAME = frozenset({"mpeg4", "msmpeg4"})
+
+
+class _JumpFailed(Exception):
+    """Decoding from a later keyframe would not number the frames as a sequential decode does."""
+
+
+def _packets_from_keyframe(packets, start: int) -> tuple[list, int]:
+    """Read (not decode) the packets up to frame ``start``: ``(packets to decode, key)``.
+
+    The packets to decode are packet 0 and those from ``key``, the last keyframe at or before
+    ``start``, on.
+    """
+    first, tail, key = None, [], 0
+    for n, packet in enumerate(packets):
+        if packet.size == 0:  # a dropped frame, or the end of the stream: do not guess
+            raise _JumpFailed
+        if n == 0:
+            first = packet
+        elif packet.is_keyframe:
+            tail, key = [], n
+        if n:
+            tail.append(packet)
+        if n == start:
+            return ([first, *tail] if first is not None else tail), key
+    raise _JumpFailed
+
+
+def _decode_wanted(packets, wanted: set[int], last: int):
+    """``_decode_vectors`` of a stream without B-frames of a :data:`_FRAME_BY_FRAME` decoder.
+
+    Packet ``n`` is frame ``n``; only packet 0 (it may carry the stream's headers) and the wanted
+    ones are decoded, each of which must give exactly one frame, never a B-frame. Frames not
+    decoded are reported as P-frames: with no B-frame, every past reference is 1 frame back.
+    """
+    types = [_P_FRAME] * (last + 1)
+    vectors: dict[int, np.ndarray] = {}
+    coded = None
+    for n, packet in enumerate(packets):
+        if packet.size == 0:  # a dropped frame, or the end of the stream: do not guess
+            raise _JumpFailed
+        if n and n not in wanted:
+            continue
+        frames = packet.decode()
+        types[n] = int(frames[0].pict_type) if len(frames) == 1 else _B_FRAME
+        if types[n] == _B_FRAME:  # or not one frame
+            raise _JumpFailed
+        coded = coded or (frames[0].width, frames[0].height)
+        side = frames[0].side_data.get("MOTION_VECTORS") if n in wanted else None
+        if side is not None:
+            vectors[n] = side.to_ndarray()
+        if n >= last:
+            return types, vectors, coded
+    raise _JumpFailed
+
+
+def _decode_vectors(
+    path: str, wanted: set[int], last: int, jump: bool
+) -> tuple[list[int], dict[int, np.ndarray], tuple[int, int] | None]:
+    """Picture types of frames ``0..last`` (and on to the next non-B frame), vectors of ``wanted``.
+
+    With ``jump``, in a stream without B-frames (the decoder outputs packet ``k`` as frame
+    ``k``): for :data:`_FRAME_BY_FRAME` decoders only frame 0 and the wanted frames are decoded
+    (:func:`_decode_wanted`); for others the packets between frame 0 and the last keyframe at or
+    before the first wanted frame are read but not decoded (frame 0 is: it may carry the
+    stream's headers), their types reported as P, which no distance search reaches (the
+    keyframe stops it).
+    """
+    import av
+
+    types: list[int] = []
+    vectors: dict[int, np.ndarray] = {}
+    coded = None
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        ctx.options = dict(_MV_OPTIONS)
+        ctx.thread_count = 1  # frame threads change some H.264 vectors
+        stream.thread_type = "SLICE"
+        packets = container.demux(stream)
+        key = 0
+        queue: list = []
+        if jump and not ctx.has_b_frames and ctx.name in _FRAME_BY_FRAME:
+            return _decode_wanted(packets, wanted, last)
+        if jump and not ctx.has_b_frames and min(wanted) > 0:
+            queue, key = _packets_from_keyframe(packets, min(wanted))
+        for packet in itertools.chain(queue, packets):
+            for frame in packet.decode():
+                coded = coded or (frame.width, frame.height)
+                if len(types) == 1 and key:
+                    types.extend([_P_FRAME] * (key - 1))
+                    if int(frame.pict_type) != _I_FRAME:
+                        raise _JumpFailed
+                k = len(types)
+                types.append(int(frame.pict_type))
+                if key and types[-1] == _B_FRAME:
+                    raise _JumpFailed
+                # FFmpeg's MPEG-4 Part 2 decoder exports a zero vector for every block of a
+                # B-frame (any encoder): no information, so no vectors.
+                if k in wanted and not (types[-1] == _B_FRAME and ctx.name == "mpeg4"):
+                    side = frame.side_data.get("MOTION_VECTORS")
+                    if side is not None:
+                        vectors[k] = side.to_ndarray()
+                # A B-frame also needs the distance to the next I/P frame: decode on to it.
+                if k >= last and types[-1] != _B_FRAME:
+                    return types, vectors, coded
+    return types, vectors, coded
+
+
 def read_motion_vectors(
     path: str,
     indices: Sequence[int] | np.ndarray,
     size: tuple[int, int] | None = None,
     num_threads: int = 1,
     with_flags: bool = False,
+    quantized: bool = False,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Decode the motion vectors of frames ``indices`` of ``path`` into dense fields.
 
     Frame ``k`` is the ``k``-th frame the decoder outputs (presentation order), the same frame
     :class:`vidssl.data.decoding.PyAVDecoder` returns for ``k``, so the fields align
-    frame-by-frame with an RGB clip of the same indices. Decoding is sequential from the start
-    to the last requested frame (plus the few frames up to the next I/P frame, to know a
-    B-frame's reference distance); frames are never converted to RGB.
+    frame-by-frame with an RGB clip of the same indices. Frames are decoded without their pixels
+    (FFmpeg's ``skip_idct`` and ``skip_loop_filter``: the vectors are the same) and never
+    converted to RGB, on one thread, up to the last requested frame (plus the few frames up to
+    the next I/P frame, to know a B-frame's reference distance). Which frames are decoded
+    depends on the stream; the fields are the same either way (each shortcut checks the frames
+    it gets and falls back to decoding from frame 0):
+
+    - without B-frames, MPEG-4 Part 2 and MS-MPEG4 (whose P-frame vectors depend on nothing
+      else): frame 0 (the stream's headers) and the requested frames only;
+    - without B-frames, other codecs: from the last keyframe at or before the first requested
+      frame on (the packets before it are only read);
+    - with B-frames: every frame from frame 0.
 
     Args:
         path: the video file.
         indices: 0-based frame indices (any order, repeats allowed).
         size: ``(width, height)`` of the output, the RGB decode size (e.g.
             :func:`vidssl.data.decoding.resized_size`); ``None`` keeps the coded size.
-        num_threads: FFmpeg decoding threads.
+        num_threads: ignored (kept for callers that pass their decoding threads): the vectors
+            are decoded on one thread, as FFmpeg's frame threads change some H.264 vectors.
         with_flags: also return which frames carried vectors.
+        quantized: return the uint8 codes of :func:`vidssl.data.flow.quantize_flow` of the field
+            (what a training batch carries) instead of the field: the same codes, cheaper.
 
     Returns:
         float16 ``T x H x W x 2``: the displacement from the previous frame to this one in
         output pixels per frame (see :func:`rasterize_motion_vectors`). With ``with_flags``,
         ``(field, has_vectors)`` where the bool ``T`` array is False for frames that carried no
         vectors (I-frames; every frame of a codec outside :data:`MV_CODECS`): their field is
-        zero, which the flag tells apart from vectors that say "nothing moved".
+        zero, which the flag tells apart from vectors that say "nothing moved". With
+        ``quantized``, uint8 codes in place of the field.
     """
-    import av
-
+    del num_threads
     indices = np.asarray(indices, dtype=np.int64)
     if indices.size == 0:
         raise ValueError("No frame indices requested.")
@@ -133,38 +305,23 @@ def read_motion_vectors(
         raise IndexError(f"Negative frame index {indices.min()} requested from {path}.")
     last = int(indices.max())
     wanted = set(indices.tolist())
-    types: list[int] = []
-    vectors: dict[int, np.ndarray] = {}
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        ctx = stream.codec_context
-        ctx.options = {"flags2": "+export_mvs"}
-        ctx.thread_count = num_threads
-        stream.thread_type = "AUTO" if num_threads != 1 else "SLICE"
-        coded = None
-        for k, frame in enumerate(container.decode(stream)):
-            coded = coded or (frame.width, frame.height)
-            types.append(int(frame.pict_type))
-            if k in wanted:
-                side = frame.side_data.get("MOTION_VECTORS")
-                if side is not None:
-                    vectors[k] = side.to_ndarray()
-            # A B-frame also needs the distance to the next I/P frame: decode on to it.
-            if k >= last and types[-1] != _B_FRAME:
-                break
+    try:
+        types, vectors, coded = _decode_vectors(path, wanted, last, jump=True)
+    except _JumpFailed:
+        types, vectors, coded = _decode_vectors(path, wanted, last, jump=False)
     if len(types) <= last:
         raise IndexError(
             f"{path} has only {len(types)} decodable frames but frame {last} was requested."
         )
     size = tuple(size) if size is not None else coded
-    unique = np.unique(indices)
-    fields = np.zeros((len(unique), size[1], size[0], 2), np.float16)
-    has = np.zeros(len(unique), bool)
-    for i, k in enumerate(unique.tolist()):
-        if k in vectors:
-            fields[i] = rasterize_motion_vectors(
-                vectors[k], coded, size, _anchor_distances(types, k)
-            )
-            has[i] = True
-    pos = np.searchsorted(unique, indices)
-    return (fields[pos], has[pos]) if with_flags else fields[pos]
+    # Painted in the requested order (a repeated frame is painted twice, on the small grid):
+    # no gather of the full-size fields afterwards.
+    order = indices.tolist()
+    empty = np.zeros(0, np.dtype([("source", "<i4")]))
+    fields = _rasterize_frames(
+        [vectors.get(k, empty) for k in order],
+        [_anchor_distances(types, k) if k in vectors else (1, 1) for k in order],
+        coded, size, quantized=quantized,
+    )
+    has = np.array([k in vectors for k in order], bool)
+    return (fields, has) if with_flags else fields

@@ -216,6 +216,7 @@ def write_video(
     codec: str = "mpeg4",
     max_b_frames: int = 0,
     gop_size: int = 12,
+    options: dict[str, str] | None = None,
 ) -> None:
     """Write ``frames`` (uint8 ``T x H x W x 3``, even ``H`` and ``W``) to ``path`` with PyAV.
 
@@ -223,7 +224,9 @@ def write_video(
     motion vectors) is written in full-range ``yuvj420p``, the others in ``yuv420p``.
     ``max_b_frames=2`` with the
     ``mpeg4`` codec in AVI reproduces the kind of file on which decord's random access returns
-    wrong frames (see ``docs/data.md``).
+    wrong frames (see ``docs/data.md``). ``max_b_frames`` does not reach ``libx264`` (x264 uses
+    its own default, B-frames included); ``options`` are encoder options (``{"bf": "0"}``: x264
+    without B-frames).
     """
     import av
 
@@ -235,6 +238,8 @@ def write_video(
         stream.codec_context.gop_size = gop_size
         if codec != "libx264":
             stream.codec_context.max_b_frames = max_b_frames
+        if options:
+            stream.codec_context.options = dict(options)
         for frame in frames:
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)

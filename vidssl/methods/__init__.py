@@ -10,12 +10,16 @@ from vidssl.methods.base import (
 from vidssl.methods.heads import ProjectionHead
 from vidssl.methods.moco import MoCo
 from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
+from vidssl.methods.settings import EMASchedule, Head, Optimization
 from vidssl.methods.simclr import SimCLR
 
 __all__ = [
     "ConfigError",
+    "EMASchedule",
+    "Head",
     "LARS",
     "MoCo",
+    "Optimization",
     "ProjectionHead",
     "SimCLR",
     "UsesPseudoLabels",

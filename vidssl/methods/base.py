@@ -8,8 +8,10 @@ a batch and its momentum pairs. See docs/adding_a_method.md.
 from __future__ import annotations
 
 import copy
+import dataclasses
+import inspect
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import pytorch_lightning as pl
 import torch
@@ -18,6 +20,19 @@ from torch import nn
 
 from vidssl.methods.heads import ProjectionHead
 from vidssl.methods.optim import LARS, cosine_momentum, warmup_cosine
+from vidssl.methods.settings import (
+    EMA_SCHEDULES,
+    LEGACY_NAMES,
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    EMASchedule,
+    Head,
+    Optimization,
+    as_group,
+    merged,
+    migrate_legacy_names,
+    warn_legacy,
+)
 
 __all__ = [
     "ConfigError",
@@ -28,9 +43,6 @@ __all__ = [
     "momentum_copy",
 ]
 
-OPTIMIZERS = ("sgd", "adamw", "lars")
-LR_SCHEDULES = ("cosine", "constant")
-EMA_SCHEDULES = ("constant", "cosine")
 
 
 class ConfigError(ValueError):
@@ -42,9 +54,10 @@ class ConfigError(ValueError):
     """
 
 
-def _check_choice(kind: str, value: str, valid: Sequence[str]) -> str:
+def _check_choice(kind: str, value: str, valid: Sequence[str], key: str) -> str:
     if value not in valid:
-        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)}")
+        raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(valid)} "
+                         f"(model.init_args.{key} in a config)")
     return value
 
 
@@ -87,6 +100,19 @@ def ema_update(online: nn.Module, target: nn.Module, momentum: float) -> None:
             "build the target with momentum_copy(online)"
         )
     torch._foreach_lerp_(t, o, 1.0 - momentum)
+
+
+def _setting(group: str, field: str) -> property:
+    """Return a flat attribute that reads and writes ``field`` of the resolved ``group``."""
+
+    def get(self: Any) -> Any:
+        return getattr(getattr(self, group), field)
+
+    def set_(self: Any, value: Any) -> None:
+        setattr(self, group, dataclasses.replace(getattr(self, group), **{field: value}))
+
+    return property(get, set_, doc=f"``self.{group}.{field}`` (the flat name of before the "
+                                   "groups).")
 
 
 class UsesPseudoLabels:
@@ -148,24 +174,23 @@ class VideoSSLMethod(pl.LightningModule):
             whose ``forward(B x C x T x H x W)`` returns ``B x feature_dim``.
         backbone_kwargs: extra arguments for ``vidssl.backbones.build`` (e.g. ``width_mult``).
         weights: weights for the named backbone (see ``vidssl.backbones.build``).
-        proj_hidden_dim: hidden width of the projection head; ``None`` uses the backbone's
-            feature size (as SimCLR's and MoCo v2's heads do).
-        proj_output_dim: embedding size the loss sees (SimCLR, MoCo: 128).
-        proj_num_layers: linear layers in the head; 0 means no head (identity).
-        proj_batch_norm: BatchNorm1d in the hidden layers of the head.
-        optimizer: ``"sgd"``, ``"adamw"`` or ``"lars"``.
-        lr: peak learning rate (after warm-up).
-        weight_decay: weight decay.
-        momentum: SGD / LARS momentum (AdamW ignores it).
-        exclude_bias_and_norm: no weight decay (and no LARS adaptation) for biases and
-            normalisation parameters (SimCLR does this; MoCo's SGD does not).
-        lars_eta: LARS trust coefficient.
-        warmup_epochs: linear warm-up length in epochs (fractions allowed).
-        lr_schedule: after warm-up, ``"cosine"`` decay to ``min_lr_ratio * lr`` or ``"constant"``.
-        min_lr_ratio: final learning rate as a fraction of ``lr``.
-        ema_momentum: EMA momentum of the momentum pairs (its start value for a cosine schedule).
-        ema_momentum_end: final EMA momentum of the cosine schedule.
-        ema_schedule: ``"constant"`` (MoCo) or ``"cosine"`` (BYOL, MoCo v3).
+        head: the projection head (:class:`~vidssl.methods.settings.Head`: ``hidden_dim``,
+            ``output_dim``, ``num_layers``, ``batch_norm``).
+        optim: optimiser and schedule (:class:`~vidssl.methods.settings.Optimization`:
+            ``optimizer``, ``lr``, ``weight_decay``, ``momentum``, ``exclude_bias_and_norm``,
+            ``lars_eta``, ``warmup_epochs``, ``lr_schedule``, ``min_lr_ratio``).
+        ema: EMA momentum of the momentum pairs (:class:`~vidssl.methods.settings.EMASchedule`:
+            ``momentum``, ``momentum_end``, ``schedule``).
+        **legacy: the flat names of before the groups (``lr``, ``proj_output_dim``,
+            ``ema_momentum``, ...; ``settings.LEGACY_NAMES``), moved into their group with a
+            ``FutureWarning``, so old code and old checkpoints still build.
+
+    In each group a field left ``None`` takes the method's default (``default_head``,
+    ``default_optim``, ``default_ema``, stated once per method from its paper), so
+    ``optim=Optimization(lr=0.1)`` changes the learning rate only. After ``__init__``,
+    ``self.head``, ``self.optim`` and ``self.ema`` hold the resolved groups, and the flat
+    attributes (``self.lr``, ``self.proj_output_dim``, ``self.optimizer_name``, ...) read and
+    write their fields.
     """
 
     views: Tuple[str, ...] = ("anchor", "positive")
@@ -186,60 +211,111 @@ class VideoSSLMethod(pl.LightningModule):
         """Views this method reads from a batch: ``len(self.views)``."""
         return len(self.views)
 
+    #: The head, optimisation and EMA defaults of this method (its paper's); a subclass states
+    #: the fields it changes, the rest come from its parent classes.
+    default_head: Head = Head(hidden_dim=None, output_dim=128, num_layers=2, batch_norm=True)
+    default_optim: Optimization = Optimization(
+        optimizer="sgd", lr=0.05, weight_decay=1e-4, momentum=0.9, exclude_bias_and_norm=False,
+        lars_eta=0.001, warmup_epochs=0.0, lr_schedule="cosine", min_lr_ratio=0.0,
+    )
+    default_ema: EMASchedule = EMASchedule(momentum=0.99, momentum_end=1.0, schedule="constant")
+
     def __init__(
         self,
         backbone: Union[str, nn.Module] = "r3d_18",
         backbone_kwargs: Optional[Dict[str, Any]] = None,
         weights: Optional[str] = None,
-        proj_hidden_dim: Optional[int] = None,
-        proj_output_dim: int = 128,
-        proj_num_layers: int = 2,
-        proj_batch_norm: bool = True,
-        optimizer: str = "sgd",
-        lr: float = 0.05,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        exclude_bias_and_norm: bool = False,
-        lars_eta: float = 0.001,
-        warmup_epochs: float = 0.0,
-        lr_schedule: str = "cosine",
-        min_lr_ratio: float = 0.0,
-        ema_momentum: float = 0.99,
-        ema_momentum_end: float = 1.0,
-        ema_schedule: str = "constant",
+        # Frozen (immutable) defaults, all fields None: jsonargparse lists their fields.
+        head: Head = Head(),  # noqa: B008
+        optim: Optimization = Optimization(),  # noqa: B008
+        ema: EMASchedule = EMASchedule(),  # noqa: B008
+        **legacy: Any,
     ):
         super().__init__()
-        if not lr > 0:  # also catches NaN
-            raise ValueError(f"lr must be > 0, got {lr}: the peak learning rate "
-                             "(model.init_args.lr in a config)")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay} "
-                             "(model.init_args.weight_decay in a config)")
-        _check_choice("optimizer", optimizer, OPTIMIZERS)
-        _check_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
-        _check_choice("ema_schedule", ema_schedule, EMA_SCHEDULES)
-        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else [])
+        given, moved = migrate_legacy_names({"head": head, "optim": optim, "ema": ema, **legacy})
+        unknown = [k for k in given if k not in ("head", "optim", "ema")]
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got an unexpected keyword argument "
+                            f"{unknown[0]!r}")
+        warn_legacy(moved, type(self).__name__)
+        self.head = self._resolve(Head, given["head"], "head")
+        self.optim = self._resolve(Optimization, given["optim"], "optim")
+        self.ema = self._resolve(EMASchedule, given["ema"], "ema")
+        o = self.optim
+        if not o.lr > 0:  # also catches NaN
+            raise ValueError(f"lr must be > 0, got {o.lr}: the peak learning rate "
+                             "(model.init_args.optim.lr in a config)")
+        if o.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {o.weight_decay} "
+                             "(model.init_args.optim.weight_decay in a config)")
+        _check_choice("optimizer", o.optimizer, OPTIMIZERS, "optim.optimizer")
+        _check_choice("lr_schedule", o.lr_schedule, LR_SCHEDULES, "optim.lr_schedule")
+        _check_choice("ema_schedule", self.ema.schedule, EMA_SCHEDULES, "ema.schedule")
+        self._save_settings(backbone)
         self.backbone = self._build_backbone(backbone, backbone_kwargs or {}, weights)
-        self.proj_hidden_dim = proj_hidden_dim
-        self.proj_output_dim = proj_output_dim
-        self.proj_num_layers = proj_num_layers
-        self.proj_batch_norm = proj_batch_norm
         self.feature_dim = int(self.backbone.feature_dim)
         self.projection = self.build_projection_head(self.feature_dim)
-        self.optimizer_name = optimizer
-        self.lr = lr
-        self.weight_decay = weight_decay
-        self.momentum = momentum
-        self.exclude_bias_and_norm = exclude_bias_and_norm
-        self.lars_eta = lars_eta
-        self.warmup_epochs = warmup_epochs
-        self.lr_schedule = lr_schedule
-        self.min_lr_ratio = min_lr_ratio
-        self.ema_momentum = ema_momentum
-        self.ema_momentum_end = ema_momentum_end
-        self.ema_schedule = ema_schedule
         self._batch_checked = False
         self._last_ema_step = 0
+
+    @classmethod
+    def declared_arguments(cls) -> Set[str]:
+        """Return the ``__init__`` argument names the method's own classes declare.
+
+        Those of every class between ``cls`` and ``VideoSSLMethod`` (itself included, the base
+        left out): a method's own knobs, where a legacy flat name is the method's, not a group's.
+        """
+        return {name for c in cls.__mro__ if issubclass(c, VideoSSLMethod)
+                and c is not VideoSSLMethod and "__init__" in c.__dict__
+                for name in inspect.signature(c.__init__).parameters}
+
+    @classmethod
+    def settings_defaults(cls, name: str) -> Any:
+        """Return the method's default group ``name`` (``"head"``, ``"optim"``, ``"ema"``).
+
+        The ``default_<name>`` of each class of the method, nearest first, filling each other's
+        ``None`` fields (a field left ``None`` in all of them, such as ``head.hidden_dim``,
+        keeps its meaning: the backbone's feature size).
+        """
+        attr = "default_" + name
+        return merged(*[c.__dict__[attr] for c in cls.__mro__ if attr in c.__dict__])
+
+    def _resolve(self, kind: type, given: Any, name: str) -> Any:
+        """``given`` over :meth:`settings_defaults` ``(name)``."""
+        return merged(as_group(kind, given, f"model.init_args.{name}"),
+                      self.settings_defaults(name))
+
+    def _save_settings(self, backbone: Any) -> None:
+        # Lightning's record (every class's __init__ arguments, or the config under
+        # LightningCLI), then the groups resolved (what this run used, not what was given) and
+        # no legacy flat names: load_from_checkpoint rebuilds the method from it.
+        frame = inspect.currentframe()
+        self.save_hyperparameters(ignore=["backbone"] if isinstance(backbone, nn.Module) else [],
+                                  frame=frame.f_back if frame else None)
+        # A subclass that takes a flat name itself (written before the groups) keeps it.
+        own = self.declared_arguments()
+        self.remove_ignored_hparams([n for n in LEGACY_NAMES if n not in own])
+        self.save_hyperparameters({"head": dataclasses.asdict(self.head),
+                                   "optim": dataclasses.asdict(self.optim),
+                                   "ema": dataclasses.asdict(self.ema)})
+
+    # The flat names of before the groups, as attributes (user code, Lightning's lr finder).
+    proj_hidden_dim = _setting("head", "hidden_dim")
+    proj_output_dim = _setting("head", "output_dim")
+    proj_num_layers = _setting("head", "num_layers")
+    proj_batch_norm = _setting("head", "batch_norm")
+    optimizer_name = _setting("optim", "optimizer")
+    lr = _setting("optim", "lr")
+    weight_decay = _setting("optim", "weight_decay")
+    momentum = _setting("optim", "momentum")
+    exclude_bias_and_norm = _setting("optim", "exclude_bias_and_norm")
+    lars_eta = _setting("optim", "lars_eta")
+    warmup_epochs = _setting("optim", "warmup_epochs")
+    lr_schedule = _setting("optim", "lr_schedule")
+    min_lr_ratio = _setting("optim", "min_lr_ratio")
+    ema_momentum = _setting("ema", "momentum")
+    ema_momentum_end = _setting("ema", "momentum_end")
+    ema_schedule = _setting("ema", "schedule")
 
     # ----------------------------------------------------------------- building blocks
     @staticmethod
@@ -268,15 +344,12 @@ class VideoSSLMethod(pl.LightningModule):
 
     def build_projection_head(self, feature_dim: int) -> nn.Module:
         """Return the projection head (override for a different head); called in ``__init__``."""
-        if self.proj_num_layers == 0:
+        h = self.head
+        if h.num_layers == 0:
             return nn.Identity()
-        return ProjectionHead(
-            feature_dim,
-            hidden_dim=self.proj_hidden_dim or feature_dim,
-            output_dim=self.proj_output_dim,
-            num_layers=self.proj_num_layers,
-            batch_norm=self.proj_batch_norm,
-        )
+        return ProjectionHead(feature_dim, hidden_dim=h.hidden_dim or feature_dim,
+                              output_dim=h.output_dim, num_layers=h.num_layers,
+                              batch_norm=h.batch_norm)
 
     # ----------------------------------------------------------------- the override surface
     def compute_loss(self, batch: Dict[str, Any]) -> Union[torch.Tensor, Dict[str, torch.Tensor]]:

@@ -6,11 +6,10 @@ its pseudo-label is always the current one; agglomerative re-clustering by defau
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict
 
 import numpy as np
 import torch
-from torch import nn
 
 from vidssl import distributed as vdist
 from vidssl.losses.mining import (
@@ -20,8 +19,9 @@ from vidssl.losses.mining import (
     labels_or_instances,
 )
 from vidssl.methods.base import UsesPseudoLabels
-from vidssl.methods.moco import MomentumKeys
+from vidssl.methods.moco import MoCo, MomentumKeys
 from vidssl.methods.queue import KeyQueue
+from vidssl.methods.settings import Head
 
 __all__ = ["ClusterContrast"]
 
@@ -77,8 +77,9 @@ class ClusterContrast(UsesPseudoLabels, MomentumKeys):
       every_n_epochs=0)``, labels clustered once before training; these defaults apply when
       re-clustering.
     - ``hard_fraction=0.05``, ``drop_fraction=0.001``: Cai et al. 2020 (above).
-    - ``temperature=0.2``, head (2-layer MLP, no BN), ``ema_momentum=0.999``, SGD ``lr=0.03``,
-      momentum 0.9, weight decay 1e-4, cosine schedule: MoCo v2 (facebookresearch/moco).
+    - ``temperature=0.2``, head (2-layer MLP, no BN), ``ema.momentum=0.999``, SGD ``lr=0.03``,
+      momentum 0.9, weight decay 1e-4, cosine schedule: MoCo v2 (facebookresearch/moco)
+      (``default_head``, ``default_ema``, ``default_optim``).
     - ``queue_size=4096``: smaller than MoCo's 65536 because a queue longer than a few epochs
       of a small dataset holds stale keys of the same videos; any size works (the queue wraps).
 
@@ -89,7 +90,8 @@ class ClusterContrast(UsesPseudoLabels, MomentumKeys):
         drop_fraction: share of the very hardest negatives dropped first, in ``[0, 1)``.
         queue_size: keys kept from earlier batches; ``0`` for in-batch negatives only.
         temperature: softmax temperature.
-        backbone, ...: as ``MoCo`` / ``VideoSSLMethod``.
+        **kwargs: ``MomentumKeys``'s (``shuffle_bn``, ``bn_splits``) and ``VideoSSLMethod``'s
+            (``backbone``, ``head``, ``optim``, ``ema``).
     """
 
     pseudo_label_defaults: Dict[str, Any] = {
@@ -101,28 +103,20 @@ class ClusterContrast(UsesPseudoLabels, MomentumKeys):
         "clustering_kwargs": {"linkage": "ward"},
     }
 
+    # Sources: the class docstring ("Defaults and sources"): MoCo v2's head (a 2-layer MLP
+    # without BN, --mlp), optimiser and key momentum.
+    default_head = Head(hidden_dim=None, output_dim=128, num_layers=2, batch_norm=False)
+    default_optim = MoCo.default_optim
+    default_ema = MoCo.default_ema
+
     def __init__(
         self,
-        backbone: Union[str, nn.Module] = "r3d_18",
-        backbone_kwargs: Optional[Dict[str, Any]] = None,
-        weights: Optional[str] = None,
         positives: str = "cluster",
         hard_fraction: float = 0.05,
         drop_fraction: float = 0.001,
         queue_size: int = 4096,
         temperature: float = 0.2,
-        shuffle_bn: bool = True,
-        bn_splits: int = 2,
-        ema_momentum: float = 0.999,
-        proj_hidden_dim: Optional[int] = None,
-        proj_output_dim: int = 128,
-        optimizer: str = "sgd",
-        lr: float = 0.03,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        lr_schedule: str = "cosine",
-        min_lr_ratio: float = 0.0,
+        **kwargs: Any,
     ):
         if positives not in POSITIVES:
             raise ValueError(f"unknown positives={positives!r}; valid: {', '.join(POSITIVES)}")
@@ -132,28 +126,7 @@ class ClusterContrast(UsesPseudoLabels, MomentumKeys):
             raise ValueError(f"drop_fraction must be in [0, 1), got {drop_fraction}")
         if queue_size < 0:
             raise ValueError(f"queue_size must be >= 0, got {queue_size}")
-        super().__init__(
-            shuffle_bn=shuffle_bn,
-            bn_splits=bn_splits,
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            weights=weights,
-            # MoCo v2's head: a 2-layer MLP without BN (facebookresearch/moco --mlp).
-            proj_hidden_dim=proj_hidden_dim,
-            proj_output_dim=proj_output_dim,
-            proj_num_layers=2,
-            proj_batch_norm=False,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            exclude_bias_and_norm=False,
-            warmup_epochs=warmup_epochs,
-            lr_schedule=lr_schedule,
-            min_lr_ratio=min_lr_ratio,
-            ema_momentum=ema_momentum,
-            ema_schedule="constant",
-        )
+        super().__init__(**kwargs)
         self.init_pseudo_labels()
         self.positives = positives
         self.hard_fraction = hard_fraction
@@ -161,9 +134,8 @@ class ClusterContrast(UsesPseudoLabels, MomentumKeys):
         self.temperature = temperature
         self.queue_size = queue_size
         # A ring: any queue size and batch work, so no size rule (whole_batches=False).
-        self.key_queue = (
-            KeyQueue(queue_size, proj_output_dim, whole_batches=False) if queue_size > 0 else None
-        )
+        self.key_queue = (KeyQueue(queue_size, self.head.output_dim, whole_batches=False)
+                          if queue_size > 0 else None)
 
     def pseudo_label_diagnostics(
         self, features: np.ndarray, labels: np.ndarray, truth: np.ndarray

@@ -19,6 +19,7 @@ from vidssl.losses.mining import (
     temporal_discrimination_loss,
 )
 from vidssl.methods.base import ConfigError, UsesPseudoLabels, VideoSSLMethod
+from vidssl.methods.settings import Head, Optimization
 
 __all__ = ["ClusterTriplet"]
 
@@ -54,16 +55,17 @@ class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
     - ``backbone="r3d_18_hara"``: ``MODEL.ARCH: 3dresnet``, ``RESNET.MODEL_DEPTH: 18``,
       ``CONV1_T_SIZE: 7``, ``NO_MAX_POOl: true`` (``config/custom_configs/
       resnet_ucf_itercluster_flow.yaml``).
-    - head ``512 -> 2048 -> BN -> ReLU -> 128``: ``RESNET.HIDDEN_LAYER = 2048``, ``OUT_DIM = 128``
-      (``config/default_params.py``).
+    - head (``default_head``) ``512 -> 2048 -> BN -> ReLU -> 128``: ``RESNET.HIDDEN_LAYER =
+      2048``, ``OUT_DIM = 128`` (``config/default_params.py``).
     - ``margin=0.2`` (m1): ``LOSS.MARGIN: 0.2``; cosine distance: ``LOSS.DIST_METRIC =
       'cosine'``; semi-hard mining: ``DATASET.SAMPLING_STRATEGY: 'random_semi_hard'``
       (``loss/triplet_loss.py``).
     - ``temporal_margin=0.04`` (m2), ``temporal_weight=1.0``: ``LOSS.LOCAL_LOCAL_MARGIN = 0.04``,
       ``LOSS.LOCAL_LOCAL_WEIGHT = 1.0``, on with ``LOSS.LOCAL_LOCAL_CONTRAST: True``.
-    - SGD, ``lr=0.1``, ``momentum=0.5``: ``OPTIM.LR: 0.1``, ``OPTIM.MOMENTUM: 0.5``; no weight
-      decay: ``online_train.py`` builds ``optim.SGD(params, lr, momentum)`` (``OPTIM.WD`` is
-      only passed to Adam); constant learning rate: ``OPTIM.SCHEDULE = []``.
+    - ``default_optim``: SGD, ``lr=0.1``, ``momentum=0.5``: ``OPTIM.LR: 0.1``,
+      ``OPTIM.MOMENTUM: 0.5``; no weight decay: ``online_train.py`` builds
+      ``optim.SGD(params, lr, momentum)`` (``OPTIM.WD`` is only passed to Adam); constant
+      learning rate: ``OPTIM.SCHEDULE = []``.
     - re-clustering (``pseudo_label_defaults``): FINCH (``ITERCLUSTER.METHOD: finch``), finest
       partition (``ITERCLUSTER.FINCH_PARTITION = 0``), every 5 epochs
       (``ITERCLUSTER.INTERVAL = 5``) from epoch 0 (``ITERCLUSTER.WARMUP_EPOCHS = 0``), on the
@@ -128,7 +130,8 @@ class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
             shared trunk).
         motion_channels: ``M`` of the data module's motion (2 for flow and motion vectors, 3
             for frame differences; ``"x3"`` needs 2).
-        backbone, ...: as ``VideoSSLMethod``.
+        backbone: as ``VideoSSLMethod``, with SLIC's default.
+        **kwargs: ``VideoSSLMethod``'s (``backbone_kwargs``, ``weights``, ``head``, ``optim``).
     """
 
     views = ("anchor", "positive", "anchor_repeat")
@@ -140,47 +143,25 @@ class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
         "features": "projection",
     }
 
+    # Sources: the class docstring ("Defaults and their sources").
+    default_head = Head(hidden_dim=2048, output_dim=128, num_layers=2, batch_norm=True)
+    default_optim = Optimization(
+        optimizer="sgd", lr=0.1, weight_decay=0.0, momentum=0.5, exclude_bias_and_norm=False,
+        warmup_epochs=0.0, lr_schedule="constant", min_lr_ratio=0.0,
+    )
+
     def __init__(
         self,
         backbone: Union[str, nn.Module] = "r3d_18_hara",
-        backbone_kwargs: Optional[Dict[str, Any]] = None,
-        weights: Optional[str] = None,
         margin: float = 0.2,
         temporal_margin: float = 0.04,
         temporal_weight: float = 1.0,
-        proj_hidden_dim: Optional[int] = 2048,
-        proj_output_dim: int = 128,
-        proj_num_layers: int = 2,
-        proj_batch_norm: bool = True,
-        optimizer: str = "sgd",
-        lr: float = 0.1,
-        weight_decay: float = 0.0,
-        momentum: float = 0.5,
-        exclude_bias_and_norm: bool = False,
-        warmup_epochs: float = 0.0,
-        lr_schedule: str = "constant",
-        min_lr_ratio: float = 0.0,
         motion_prob: float = 0.0,
         motion_input: str = "x3",
         motion_channels: int = 2,
+        **kwargs: Any,
     ):
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            weights=weights,
-            proj_hidden_dim=proj_hidden_dim,
-            proj_output_dim=proj_output_dim,
-            proj_num_layers=proj_num_layers,
-            proj_batch_norm=proj_batch_norm,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            exclude_bias_and_norm=exclude_bias_and_norm,
-            warmup_epochs=warmup_epochs,
-            lr_schedule=lr_schedule,
-            min_lr_ratio=min_lr_ratio,
-        )
+        super().__init__(backbone=backbone, **kwargs)
         self.init_pseudo_labels()
         if margin < 0 or temporal_margin < 0 or temporal_weight < 0:
             raise ValueError(

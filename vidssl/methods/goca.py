@@ -18,6 +18,7 @@ from torch import nn
 from vidssl import distributed as vdist
 from vidssl.methods.base import ConfigError, VideoSSLMethod
 from vidssl.methods.queue import KeyQueue
+from vidssl.methods.settings import Head, Optimization
 from vidssl.pseudo_labels import PseudoLabelState
 
 __all__ = [
@@ -264,7 +265,7 @@ class GOCA(VideoSSLMethod):
       separation loss :func:`prototype_separation_loss` added (``use_protreg``), their gradient
       dropped during the first ``freeze_prototypes_epochs`` epochs
       (``freeze_prototypes_epoch`` 1).
-    - **Optimiser** (``helper/train_utils.py`` ``setup_optimization_finetune``,
+    - **Optimiser** (``default_optim``; ``helper/train_utils.py`` ``setup_optimization_finetune``,
       ``get_scheduled_LR``): SGD momentum 0.9 under LARC (trust 0.001, ``clip=False``): here
       vidssl's ``LARS`` with biases and BN included (LARC adapts every parameter); weight decay
       1e-4; peak lr ``0.15 * sqrt(global batch)`` (the default 1.2 is that for a global batch
@@ -316,23 +317,19 @@ class GOCA(VideoSSLMethod):
         queue_length: embeddings kept from earlier batches, over all ranks; 0 = no queue
             (``queue_length`` 0).
         queue_start_epoch: first epoch that fills the queue (``epoch_queue_starts`` 10).
-        proj_hidden_dim: hidden width of both heads (``hidden_mlp`` 2048).
-        proj_output_dim: embedding size ``d`` (``emedding_dim`` 128).
-        proj_num_layers: linear layers of each head (3).
-        proj_batch_norm: BatchNorm1d in the hidden layers of the heads.
-        optimizer: ``"lars"`` (official LARC), ``"sgd"`` or ``"adamw"``.
-        lr: peak learning rate; the official ``0.15 * sqrt(global batch)``.
-        weight_decay: weight decay (1e-4).
-        momentum: SGD / LARS momentum (0.9).
-        exclude_bias_and_norm: no decay or LARS adaptation for biases and norms (False: LARC
-            adapts every parameter).
-        lars_eta: LARS trust coefficient (LARC ``trust_coefficient`` 0.001).
-        warmup_epochs: linear warm-up epochs (``warmup_epochs`` 10).
-        lr_schedule: ``"cosine"`` (official) or ``"constant"``.
-        min_lr_ratio: final lr as a fraction of ``lr`` (``final_lr`` 0.0048 / 1.2).
+        **kwargs: ``VideoSSLMethod``'s ``head`` (both heads) and ``optim``.
     """
 
     motion_option = "GOCA reads the motion of every clip"
+
+    # Both heads: hidden_dim 2048 (hidden_mlp), output_dim = d 128 (emedding_dim), 3 linear
+    # layers with BatchNorm1d in the hidden ones.
+    default_head = Head(hidden_dim=2048, output_dim=128, num_layers=3, batch_norm=True)
+    # Sources: the class docstring's "Optimiser" (LARC's trust_coefficient 0.001 is lars_eta).
+    default_optim = Optimization(
+        optimizer="lars", lr=1.2, weight_decay=1e-4, momentum=0.9, exclude_bias_and_norm=False,
+        lars_eta=0.001, warmup_epochs=10.0, lr_schedule="cosine", min_lr_ratio=0.004,
+    )
 
     def __init__(
         self,
@@ -359,19 +356,7 @@ class GOCA(VideoSSLMethod):
         freeze_prototypes_epochs: int = 1,
         queue_length: int = 0,
         queue_start_epoch: int = 10,
-        proj_hidden_dim: Optional[int] = 2048,
-        proj_output_dim: int = 128,
-        proj_num_layers: int = 3,
-        proj_batch_norm: bool = True,
-        optimizer: str = "lars",
-        lr: float = 1.2,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        exclude_bias_and_norm: bool = False,
-        lars_eta: float = 0.001,
-        warmup_epochs: float = 10.0,
-        lr_schedule: str = "cosine",
-        min_lr_ratio: float = 0.004,
+        **kwargs: Any,
     ):
         for name, value, valid in (("prior_sign", prior_sign, PRIOR_SIGNS),
                                    ("prototypes", prototypes, PROTOTYPE_KINDS),
@@ -396,14 +381,8 @@ class GOCA(VideoSSLMethod):
         if isinstance(backbone, nn.Module):
             raise TypeError("GOCA builds its RGB and motion backbones from a zoo name; pass "
                             "backbone as a name (vidssl.backbones.list())")
-        super().__init__(
-            backbone=backbone, backbone_kwargs=backbone_kwargs, weights=weights,
-            proj_hidden_dim=proj_hidden_dim, proj_output_dim=proj_output_dim,
-            proj_num_layers=proj_num_layers, proj_batch_norm=proj_batch_norm,
-            optimizer=optimizer, lr=lr, weight_decay=weight_decay, momentum=momentum,
-            exclude_bias_and_norm=exclude_bias_and_norm, lars_eta=lars_eta,
-            warmup_epochs=warmup_epochs, lr_schedule=lr_schedule, min_lr_ratio=min_lr_ratio,
-        )
+        super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, weights=weights,
+                         **kwargs)
         from vidssl.backbones import build
 
         self.motion_channels = motion_channels
@@ -412,7 +391,7 @@ class GOCA(VideoSSLMethod):
         self.share_head = share_head
         self.motion_projection = (self.projection if share_head
                                   else self.build_projection_head(self.feature_dim))
-        dim = self.proj_output_dim
+        dim = self.head.output_dim
         self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
         self.prototype_kind = prototypes
         if prototypes == "frozen":

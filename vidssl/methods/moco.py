@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +13,7 @@ from vidssl import distributed as vdist
 from vidssl.losses import info_nce
 from vidssl.methods.base import ConfigError, VideoSSLMethod, momentum_copy
 from vidssl.methods.queue import KeyQueue
+from vidssl.methods.settings import EMASchedule, Head, Optimization, as_group, merged
 
 __all__ = ["MoCo", "MomentumKeys"]
 
@@ -28,7 +29,11 @@ class MomentumKeys(VideoSSLMethod):
     Args:
         shuffle_bn: shuffle the key batch across GPUs under DDP, or within the batch on one
             device (with ``bn_splits``).
-        bn_splits: on one device, the number of BN groups (see ``MoCo``).
+        bn_splits: on one device, the number of BN groups (fewer if a group would hold under 2
+            samples); ``1`` normalises the whole batch at once, which lets BN leak. Default 2,
+            the fewest groups that separate queries from keys and so the largest (least noisy)
+            ones; the official demo uses 8 groups of 64 at batch 512. Groups of a few clips are
+            noisy: keep several clips per group (docs/benchmarks.md compares group sizes).
         **kwargs: ``VideoSSLMethod``'s arguments.
     """
 
@@ -181,26 +186,21 @@ class MoCo(MomentumKeys):
 
     Defaults and sources (official code / papers):
 
-    - ``version=2``; ``temperature`` 0.07 for v1, 0.2 for v2; head linear (v1) or a 2-layer MLP
-      without BN, hidden = feature size (v2, ``--mlp``); output 128 (``--moco-dim``).
-    - ``queue_size=65536`` (``--moco-k``), key momentum ``ema_momentum=0.999`` (``--moco-m``).
-    - SGD, ``lr=0.03`` for a batch of 256 (``--lr``), momentum 0.9, weight decay 1e-4; cosine
-      schedule (v2 ``--cos``; v1's step schedule is not provided).
+    - ``version=2``; ``temperature`` 0.07 for v1, 0.2 for v2; head (``default_head``) linear
+      (v1) or a 2-layer MLP without BN, hidden = feature size (v2, ``--mlp``); output 128
+      (``--moco-dim``).
+    - ``queue_size=65536`` (``--moco-k``), key momentum ``ema.momentum=0.999`` (``--moco-m``,
+      ``default_ema``).
+    - ``default_optim``: SGD, ``lr=0.03`` for a batch of 256 (``--lr``), momentum 0.9, weight
+      decay 1e-4; cosine schedule (v2 ``--cos``; v1's step schedule is not provided).
 
     Args:
         version: 1 or 2; picks the temperature and head defaults.
         temperature: InfoNCE temperature; ``None`` takes the version's default.
         queue_size: number of negative keys K; must be a multiple of the global batch size,
             and the data module must drop the last incomplete batch (checked at start-up).
-        mlp: MLP head; ``None`` takes the version's default.
-        shuffle_bn: shuffle the key batch across GPUs under DDP, or within the batch on one
-            device (with ``bn_splits``).
-        bn_splits: on one device, the number of BN groups (fewer if a group would hold under 2
-            samples); ``1`` normalises the whole batch at once, which lets BN leak. Default 2,
-            the fewest groups that separate queries from keys and so the largest (least noisy)
-            ones; the official demo uses 8 groups of 64 at batch 512. Groups of a few clips are
-            noisy: keep several clips per group (docs/benchmarks.md compares group sizes).
-        ema_momentum: key encoder momentum m.
+        mlp: MLP head (``head.num_layers`` 2, else 1); ``None`` takes the version's default;
+            a ``head.num_layers`` given wins.
         mask_own_video: leave the queued keys of a query's own video out of its negatives.
             The queue then remembers each key's dataset index. Off by default, as in MoCo.
             MoCo assumes many more videos than ``queue_size``. On a small dataset a query
@@ -208,64 +208,43 @@ class MoCo(MomentumKeys):
             ``queue_size >= N`` every video's own keys are in the queue (UCF101's 9.5k
             training videos under the default 65536 keys: about 7 each). MoCo then warns at
             start-up unless this is on.
-        backbone, ...: as ``VideoSSLMethod``.
+        **kwargs: ``MomentumKeys``'s (``shuffle_bn``, ``bn_splits``) and ``VideoSSLMethod``'s
+            (``backbone``, ``head``, ``optim``, ``ema``: ``ema.momentum`` is the key encoder's
+            momentum m).
     """
+
+    # Sources: the class docstring ("Defaults and sources"). The head's num_layers follows
+    # version / mlp unless head.num_layers is given.
+    default_head = Head(hidden_dim=None, output_dim=128, batch_norm=False)
+    default_optim = Optimization(
+        optimizer="sgd", lr=0.03, weight_decay=1e-4, momentum=0.9, exclude_bias_and_norm=False,
+        warmup_epochs=0.0, lr_schedule="cosine", min_lr_ratio=0.0,
+    )
+    default_ema = EMASchedule(momentum=0.999, schedule="constant")
 
     def __init__(
         self,
-        backbone: Union[str, nn.Module] = "r3d_18",
-        backbone_kwargs: Optional[Dict[str, Any]] = None,
-        weights: Optional[str] = None,
         version: int = 2,
         temperature: Optional[float] = None,
         queue_size: int = 65536,
         mlp: Optional[bool] = None,
-        shuffle_bn: bool = True,
-        bn_splits: int = 2,
-        ema_momentum: float = 0.999,
         mask_own_video: bool = False,
-        proj_hidden_dim: Optional[int] = None,
-        proj_output_dim: int = 128,
-        optimizer: str = "sgd",
-        lr: float = 0.03,
-        weight_decay: float = 1e-4,
-        momentum: float = 0.9,
-        warmup_epochs: float = 0.0,
-        lr_schedule: str = "cosine",
-        min_lr_ratio: float = 0.0,
+        **kwargs: Any,
     ):
         if version not in (1, 2):
             raise ValueError(f"MoCo version must be 1 or 2, got {version}")
         if queue_size <= 0:
             raise ValueError(f"queue_size must be positive, got {queue_size}")
         use_mlp = (version == 2) if mlp is None else mlp
-        super().__init__(
-            shuffle_bn=shuffle_bn,
-            bn_splits=bn_splits,
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            weights=weights,
-            proj_hidden_dim=proj_hidden_dim,
-            proj_output_dim=proj_output_dim,
-            proj_num_layers=2 if use_mlp else 1,
-            proj_batch_norm=False,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            exclude_bias_and_norm=False,
-            warmup_epochs=warmup_epochs,
-            lr_schedule=lr_schedule,
-            min_lr_ratio=min_lr_ratio,
-            ema_momentum=ema_momentum,
-            ema_schedule="constant",
-        )
+        kwargs["head"] = merged(as_group(Head, kwargs.get("head"), "model.init_args.head"),
+                                Head(num_layers=2 if use_mlp else 1))
+        super().__init__(**kwargs)
         self.version = version
         default_t = 0.07 if version == 1 else 0.2
         self.temperature = temperature if temperature is not None else default_t
         self.queue_size = queue_size
         self.mask_own_video = mask_own_video
-        self.key_queue = KeyQueue(queue_size, proj_output_dim, whole_batches=True)
+        self.key_queue = KeyQueue(queue_size, self.head.output_dim, whole_batches=True)
 
     # ----------------------------------------------------------------- checks
     def setup(self, stage: str) -> None:
@@ -299,7 +278,8 @@ class MoCo(MomentumKeys):
                 raise ValueError("MoCo(mask_own_video=True) needs the batch's 'index' key")
             mask = self.queue_index[None, :] != index.long()[:, None]
         # The loss uses the queue as it was before this batch's keys go in.
-        loss = info_nce(q, k, self.key_queue.snapshot()[0], self.temperature, negative_mask=mask)
+        loss = info_nce(q, k, self.key_queue.snapshot_keys(), self.temperature,
+                        negative_mask=mask)
         # Only the mask reads the queued indices: without it, no all_gather of them per step.
         self.enqueue(k, index if self.mask_own_video else None)
         return loss

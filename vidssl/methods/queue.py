@@ -97,6 +97,14 @@ class KeyQueue(nn.Module):
             return self.keys[keep].clone(), self.index[keep].clone()
         return self.keys.clone(), self.index.clone()
 
+    def snapshot_keys(self) -> torch.Tensor:
+        """Return a copy of the keys ``K x dim`` as they are now (no copy of the index).
+
+        For a loss that reads only the keys (MoCo without ``mask_own_video``): one clone per
+        step instead of two.
+        """
+        return self.keys.clone()
+
     @torch.no_grad()
     def enqueue(
         self, keys: torch.Tensor, index: Optional[torch.Tensor] = None, gathered: bool = False

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Union
+from typing import Any, Dict
 
 import torch
-from torch import nn
 
 from vidssl.losses import nt_xent
 from vidssl.methods.base import VideoSSLMethod
+from vidssl.methods.settings import Head, Optimization
 
 __all__ = ["SimCLR"]
 
@@ -26,62 +26,34 @@ class SimCLR(VideoSSLMethod):
     the gradient-correct ``vidssl.distributed.gather_with_grad`` (SimCLR gathers across TPU
     cores for the same reason: negatives from the global batch).
 
-    Defaults and sources:
+    Defaults and sources (``default_head``, ``default_optim``; change them with ``head`` and
+    ``optim``, e.g. ``optim: {optimizer: lars, lr: 0.3}``):
 
     - ``temperature=0.1``: SimCLR reference code (google-research/simclr ``--temperature``) and
       CVRL (0.1).
     - head: 2-layer MLP with BN, hidden = backbone feature size, output 128 (SimCLR sec. 2.1 and
       reference code; SimCLR v2 uses BN in every head layer).
-    - ``optimizer="lars"`` with ``lr = 0.3 * batch / 256``, weight decay 1e-6, momentum 0.9, 10
-      warm-up epochs then cosine, biases and BN excluded from decay and LARS (SimCLR appendix
-      B.6). The default here is ``"sgd"`` with a small ``lr`` because LARS pays off at large
-      batches; set ``optimizer="lars"`` to follow the paper.
+    - optimiser: the paper's is LARS with ``lr = 0.3 * batch / 256``, weight decay 1e-6,
+      momentum 0.9, 10 warm-up epochs then cosine, biases and BN excluded from decay and LARS
+      (SimCLR appendix B.6). The default here is SGD with ``lr=0.05`` (the rest as the paper,
+      no warm-up) because LARS pays off at large batches; set ``optim.optimizer="lars"`` to
+      follow the paper.
 
     Args:
         temperature: NT-Xent temperature.
         gather_negatives: use negatives from every rank under DDP.
-        backbone, ...: as ``VideoSSLMethod`` (backbone, head sizes, optimiser, schedule).
+        **kwargs: ``VideoSSLMethod``'s (``backbone``, ``head``, ``optim``).
     """
 
-    def __init__(
-        self,
-        backbone: Union[str, nn.Module] = "r3d_18",
-        backbone_kwargs: Optional[Dict[str, Any]] = None,
-        weights: Optional[str] = None,
-        temperature: float = 0.1,
-        gather_negatives: bool = True,
-        proj_hidden_dim: Optional[int] = None,
-        proj_output_dim: int = 128,
-        proj_num_layers: int = 2,
-        proj_batch_norm: bool = True,
-        optimizer: str = "sgd",
-        lr: float = 0.05,
-        weight_decay: float = 1e-6,
-        momentum: float = 0.9,
-        exclude_bias_and_norm: bool = True,
-        lars_eta: float = 0.001,
-        warmup_epochs: float = 0.0,
-        lr_schedule: str = "cosine",
-        min_lr_ratio: float = 0.0,
-    ):
-        super().__init__(
-            backbone=backbone,
-            backbone_kwargs=backbone_kwargs,
-            weights=weights,
-            proj_hidden_dim=proj_hidden_dim,
-            proj_output_dim=proj_output_dim,
-            proj_num_layers=proj_num_layers,
-            proj_batch_norm=proj_batch_norm,
-            optimizer=optimizer,
-            lr=lr,
-            weight_decay=weight_decay,
-            momentum=momentum,
-            exclude_bias_and_norm=exclude_bias_and_norm,
-            lars_eta=lars_eta,
-            warmup_epochs=warmup_epochs,
-            lr_schedule=lr_schedule,
-            min_lr_ratio=min_lr_ratio,
-        )
+    # Sources: the class docstring ("Defaults and sources").
+    default_head = Head(hidden_dim=None, output_dim=128, num_layers=2, batch_norm=True)
+    default_optim = Optimization(
+        optimizer="sgd", lr=0.05, weight_decay=1e-6, momentum=0.9, exclude_bias_and_norm=True,
+        lars_eta=0.001, warmup_epochs=0.0, lr_schedule="cosine", min_lr_ratio=0.0,
+    )
+
+    def __init__(self, temperature: float = 0.1, gather_negatives: bool = True, **kwargs: Any):
+        super().__init__(**kwargs)
         self.temperature = temperature
         self.gather_negatives = gather_negatives
 
