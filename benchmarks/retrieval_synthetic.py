@@ -74,6 +74,8 @@ def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabel
     # Before --start-epoch there are no labels: every video is its own class (instance
     # discrimination), and the first clustering uses the network trained that way.
     start = args.start_epoch if start_epoch is None else start_epoch
+    if args.oracle:  # the true classes as pseudo-labels: the upper bound of the clustering
+        kw = {"oracle": True, "modality": kw.get("modality", "rgb")}
     return PseudoLabels(every_n_epochs=args.every, start_epoch=start,
                         p_same=args.p_same, seed=args.seed, **kw)  # fmt: skip
 
@@ -110,7 +112,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         method = ClusterTriplet(motion_prob=args.motion_prob, motion_input=stem,
                                 motion_channels=channels, **_optim(args),
                                 **_backbone(args))  # fmt: skip
-        labels = _pseudo_labels(args, start_epoch)
+        labels = _pseudo_labels(args, start_epoch, modality=args.bank)
         dm_kw = {"views": list(method.views), "motion": source,
                  "motion_views": list(method.motion_views)}
         if source == "flow":
@@ -247,6 +249,12 @@ def main() -> None:
                     "apart, re-augmented anchors) replaced by motion (SLIC: 0.25)")
     ap.add_argument("--motion-input", choices=("x3", "xy"), default="x3",
                     help="slic_*: motion through the RGB stem (x3, SLIC's) or its own stem (xy)")
+    ap.add_argument("--bank", choices=("rgb", "motion", "both"), default="rgb",
+                    help="slic_*: what the pseudo-labels cluster: RGB (SLIC's), the motion "
+                    "view or both (PseudoLabels modality)")
+    ap.add_argument("--oracle", action="store_true",
+                    help="cluster-guided methods: the true classes instead of clusters (an "
+                    "upper bound, not self-supervised; SLIC's 'Supervised SLIC')")
     ap.add_argument("--goca-prototypes", type=int, default=30, help="goca: prototypes K")
     ap.add_argument("--flow-method", default="dis",
                     help="slic_flow: how `vidssl flow` computes the flow (tvl1, dis, farneback)")

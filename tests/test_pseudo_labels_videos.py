@@ -221,3 +221,44 @@ def test_resume_after_a_removal_maps_labels_without_reclustering(videos, tmp_pat
     assert cb2.labels_epoch == 0
     said = [r.getMessage() for r in caplog.records if "videos changed" in r.getMessage()]
     assert len(said) == 1 and "0 added, 1 removed; labels mapped" in said[0]
+
+
+# -- clustering the motion view (modality) ----------------------------------------------------
+
+
+def test_motion_modality_clusters_the_motion_features_of_the_bank(videos, tmp_path):
+    """modality='motion': the labels are the clustering of the method's motion features."""
+    from vidssl.evaluation.features import feature_pass
+
+    torch.manual_seed(0)
+    model = ClusterTriplet(motion_prob=0.5, motion_input="xy", motion_channels=3,
+                           proj_hidden_dim=16, proj_output_dim=8, backbone="r3d_18",
+                           backbone_kwargs={"width_mult": 1 / 16})  # fmt: skip
+    dm = _dm(videos, motion="diff", motion_views=list(model.motion_views))
+    dm.setup("fit")
+    # The labels are made at the start of epoch 0, from the weights as they are now, of the
+    # projection outputs (ClusterTriplet's pseudo_label_defaults: SLIC clusters those).
+    expected = {}
+    for modality in ("motion", "rgb"):
+        bank = feature_pass(model, dm.bank_dataloader(), lambda b: dm.augment(b, train=False),
+                            features=modality, projection=True)
+        feats = torch.nn.functional.normalize(bank.features, dim=1).numpy()
+        expected[modality] = clustering.cluster(feats, method="finch").labels
+    cb = PseudoLabels(every_n_epochs=1, method="finch", modality="motion")
+    _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(model, datamodule=dm)
+    assert cb.history[0]["epoch"] == 0
+    np.testing.assert_array_equal(cb.state.labels, expected["motion"])
+    assert "(motion)" in cb.state.provenance
+    # The motion and RGB features of this model cluster the videos differently, so the test
+    # would see an RGB bank.
+    assert not np.array_equal(expected["motion"], expected["rgb"])
+
+
+def test_motion_modality_needs_a_motion_view_and_a_model_that_encodes_it(videos, tmp_path):
+    cb = PseudoLabels(modality="motion")
+    with pytest.raises(ValueError, match="data.motion is 'none'"):
+        _trainer(tmp_path, [cb], max_epochs=1).fit(_model(), datamodule=_dm(videos))
+    with pytest.raises(ValueError, match="unknown modality 'flow'; valid: rgb, motion, both"):
+        PseudoLabels(modality="flow")
+    with pytest.raises(ValueError, match="initial_weights is an RGB backbone"):
+        PseudoLabels(modality="both", initial_weights="x.ckpt")

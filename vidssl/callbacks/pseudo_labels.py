@@ -19,7 +19,7 @@ from torch import nn
 from vidssl import clustering
 from vidssl import distributed as vdist
 from vidssl.clustering.metrics import pair_error_rates
-from vidssl.evaluation.features import feature_pass
+from vidssl.evaluation.features import check_features, feature_pass
 from vidssl.losses.mining import hard_negative_fn_rate
 from vidssl.pseudo_labels import PseudoLabelConsumer, PseudoLabelDiagnostics, PseudoLabelState
 
@@ -30,6 +30,7 @@ __all__ = ["PseudoLabelState", "PseudoLabels", "hard_negative_fn_rate", "pair_er
 log = logging.getLogger(__name__)
 
 FEATURES = ("backbone", "projection")
+MODALITIES = ("rgb", "motion", "both")
 
 
 class PseudoLabels(pl.Callback):
@@ -98,6 +99,13 @@ class PseudoLabels(pl.Callback):
         distance_threshold: agglomerative only: cut the tree at this cosine distance.
         clustering_kwargs: further keyword arguments of ``vidssl.clustering.cluster``.
         features: ``"backbone"`` features or ``"projection"`` head outputs [``"backbone"``].
+        modality: what the bank embeds: the RGB clips (``"rgb"``, SLIC's clustering), the
+            motion view (``"motion"``: the method's ``encode_motion`` of ``batch["motion"]``,
+            which needs ``data.motion``) or both, each L2-normalised and averaged (``"both"``)
+            [``"rgb"``]. Clustering the motion view and training the RGB clips towards its
+            clusters is the cross-modal step of CoCLR (Han et al., NeurIPS 2020: positives
+            mined from the flow network's neighbours train the RGB network): videos that move
+            alike become positives whatever they look like (docs/motion.md).
         cluster_before_training: make initial labels at the start of training, before epoch 0's
             schedule, with ``initial_weights`` if given (the "pseudo-labels from a pretrained
             network" start); skipped when resuming with labels.
@@ -138,6 +146,7 @@ class PseudoLabels(pl.Callback):
         distance_threshold: Optional[float] = None,
         clustering_kwargs: Optional[Dict[str, Any]] = None,
         features: Optional[str] = None,
+        modality: str = "rgb",
         cluster_before_training: bool = False,
         initial_weights: Optional[str] = None,
         install_sampler: bool = True,
@@ -154,6 +163,11 @@ class PseudoLabels(pl.Callback):
             )
         if features is not None and features not in FEATURES:
             raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
+        if modality not in MODALITIES:
+            raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
+        if modality != "rgb" and initial_weights is not None:
+            raise ValueError(f"modality={modality!r} embeds the model's motion view; "
+                             "initial_weights is an RGB backbone: use modality='rgb' with it")
         if cluster_fraction is not None and not 0.0 < cluster_fraction <= 1.0:
             raise ValueError(f"cluster_fraction must be in (0, 1], got {cluster_fraction}")
         if every_n_epochs is not None and every_n_epochs < 0:
@@ -175,6 +189,7 @@ class PseudoLabels(pl.Callback):
             features=features,
             cluster_fraction=cluster_fraction,
         )
+        self.modality = modality
         self.num_clusters = num_clusters
         self.distance_threshold = distance_threshold
         self.clustering_kwargs = dict(clustering_kwargs or {})
@@ -289,10 +304,17 @@ class PseudoLabels(pl.Callback):
     # -- Lightning hooks ----------------------------------------------------------------------
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        """Install a ``ClusterBatchSampler`` in the data module when asked and none is set."""
-        if stage != "fit" or not self.install_sampler:
+        """Check ``modality``; install a ``ClusterBatchSampler`` when asked and none is set."""
+        if stage != "fit":
             return
         dm = getattr(trainer, "datamodule", None)
+        if self.modality != "rgb":
+            check_features(self.modality, model=pl_module)  # the method encodes motion
+            if getattr(dm, "motion", "none") == "none":
+                raise ValueError(f"PseudoLabels(modality={self.modality!r}) clusters the motion "
+                                 "view, but data.motion is 'none'; set it to flow, mv or diff")
+        if not self.install_sampler:
+            return
         if dm is None or not hasattr(dm, "set_train_batch_sampler"):
             return
         if getattr(dm, "train_batch_sampler", None) is not None:
@@ -486,8 +508,13 @@ class PseudoLabels(pl.Callback):
             from tqdm.auto import tqdm
 
             batches = tqdm(loader, desc="PseudoLabels: embedding", leave=False)
-        bank = feature_pass(module, batches, lambda b: dm.augment(b, train=False),
-                            encode=encoder, device=device)
+        augment = lambda b: dm.augment(b, train=False)  # noqa: E731
+        if self.modality == "rgb" or getattr(encoder, "provenance", None):
+            bank = feature_pass(module, batches, augment, encode=encoder, device=device)
+        else:  # the model's own RGB and/or motion encoders
+            bank = feature_pass(module, batches, augment, device=device, features=self.modality,
+                                projection=self.setting("features", pl_module) == "projection")
+            bank.features = F.normalize(bank.features, dim=1)  # as embed() does for RGB
         if not bank.index.numel() and bank.skipped.numel():
             raise RuntimeError(
                 "PseudoLabels: none of this process's training videos could be decoded; check "
@@ -594,7 +621,8 @@ class PseudoLabels(pl.Callback):
         metrics["clustering"] = diag
         ids = getattr(getattr(trainer, "datamodule", None), "train_video_ids", None)
         provenance = getattr(encoder, "provenance", None) or (
-            f"{self.setting('features', pl_module)} features of the model being trained")
+            f"{self.setting('features', pl_module)} features ({self.modality}) of the model "
+            "being trained")
         self.state = PseudoLabelState(labels.numpy(), ids, epoch, provenance)
         self.diagnostics = metrics
         self.history.append({k: v for k, v in metrics.items() if _is_number(v)})
