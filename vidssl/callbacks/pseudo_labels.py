@@ -488,7 +488,9 @@ class PseudoLabels(pl.Callback):
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Embed this rank's share of the bank: ``(index B_r, features B_r x D, label B_r)``.
 
-        A video the bank loader skipped (undecodable under the training policy ``resample``: the
+        ``encoder`` (``clips -> B x D``) replaces the model for the RGB clips (the backbone of
+        ``initial_weights``); without it the model being trained embeds its ``modality``. A
+        video the bank loader skipped (undecodable under the training policy ``resample``: the
         batch lists it in ``skipped_index``) has a row of NaN features and label ``-1``.
         """
         dm = getattr(trainer, "datamodule", None)
@@ -497,6 +499,7 @@ class PseudoLabels(pl.Callback):
                 "PseudoLabels needs a data module with bank_dataloader() and augment() "
                 "(vidssl.data.VideoDataModule); pass it as trainer.fit(model, datamodule=...)."
             )
+        own_model = encoder is None
         encoder = encoder or self._encoder(pl_module)
         module: nn.Module = encoder.module  # type: ignore[attr-defined]
         rank, world = vdist.rank_and_world(trainer)
@@ -509,12 +512,12 @@ class PseudoLabels(pl.Callback):
 
             batches = tqdm(loader, desc="PseudoLabels: embedding", leave=False)
         augment = lambda b: dm.augment(b, train=False)  # noqa: E731
-        if self.modality == "rgb" or getattr(encoder, "provenance", None):
-            bank = feature_pass(module, batches, augment, encode=encoder, device=device)
-        else:  # the model's own RGB and/or motion encoders
+        if own_model and self.modality != "rgb":  # the model's motion (and RGB) encoders
             bank = feature_pass(module, batches, augment, device=device, features=self.modality,
                                 projection=self.setting("features", pl_module) == "projection")
             bank.features = F.normalize(bank.features, dim=1)  # as embed() does for RGB
+        else:
+            bank = feature_pass(module, batches, augment, encode=encoder, device=device)
         if not bank.index.numel() and bank.skipped.numel():
             raise RuntimeError(
                 "PseudoLabels: none of this process's training videos could be decoded; check "
