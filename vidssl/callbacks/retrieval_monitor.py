@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vidssl import distributed as vdist
-from vidssl.evaluation.features import feature_pass
+from vidssl.evaluation.features import check_features, feature_pass
 from vidssl.evaluation.retrieval import recall_at_k
 
 __all__ = ["RetrievalMonitor"]
@@ -59,6 +59,12 @@ class RetrievalMonitor(pl.Callback):
             under the same protocol.
         features_from: compare ``"backbone"`` features or ``"projection"`` head outputs
             (SLIC's published numbers use its 128-d head's).
+        features: which clips make a video's feature: ``"rgb"``, ``"motion"`` (its motion
+            fields through the method's ``encode_motion``) or ``"both"``, as
+            :func:`vidssl.evaluation.evaluate_retrieval`. Other than ``"rgb"`` it needs a method
+            that encodes motion and a data module that reads motion (``motion`` set), else
+            training stops at setup with the reason; its metrics are logged as
+            ``{prefix}{features}/R@k``, so it runs beside an RGB monitor.
 
     Attributes:
         initial: ``{k: R@k}`` of the starting weights (``at_start``), else ``None``.
@@ -76,22 +82,41 @@ class RetrievalMonitor(pl.Callback):
         prefix: str = "val/",
         at_start: bool = False,
         features_from: str = "backbone",
+        features: str = "rgb",
     ):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if features_from not in ("backbone", "projection"):
             raise ValueError(f"features_from must be 'backbone' or 'projection', got "
                              f"{features_from!r}")
+        check_features(features)
         self.every_n_epochs = every_n_epochs
         self.ks = tuple(ks)
         self.center = center
         self.prefix = prefix
         self.at_start = at_start
         self.features_from = features_from
+        self.features = features
         self.initial: Optional[dict] = None
         self.last: Optional[dict] = None
         self.history: List[Dict[str, Any]] = []
         self._warned = False
+
+    @property
+    def _metric_prefix(self) -> str:
+        return self.prefix if self.features == "rgb" else f"{self.prefix}{self.features}/"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check that motion features can be made: a method and data module with motion."""
+        if self.features == "rgb":
+            return
+        check_features(self.features, model=pl_module)
+        dm = trainer.datamodule
+        if dm is not None and not getattr(dm, "motion_channels", 0):
+            raise ValueError(
+                f"RetrievalMonitor(features={self.features!r}) needs motion fields in the eval "
+                f"batches but the data module reads none; build it with motion='flow' (and "
+                "flow_dir), 'mv' or 'diff', or use features='rgb'")
 
     def _loaders(self, trainer: pl.Trainer) -> Optional[Tuple[Any, Any, Any]]:
         dm = trainer.datamodule
@@ -134,7 +159,7 @@ class RetrievalMonitor(pl.Callback):
 
         # Features on the CPU in float16; every rank's share gathered, each video once.
         kw = dict(projection=self.features_from == "projection", device=pl_module.device,
-                  dtype=torch.float16, gather=True)
+                  dtype=torch.float16, gather=True, features=self.features)
         q = feature_pass(pl_module, query, augment, **kw)
         g = feature_pass(pl_module, gallery, augment, **kw)
         return recall_at_k(q.features.float().numpy(), q.labels.numpy(),
@@ -149,7 +174,7 @@ class RetrievalMonitor(pl.Callback):
         if recall:
             self.initial = recall
             for k, v in recall.items():
-                pl_module.log(f"{self.prefix}R@{k}_start", v, on_step=False, on_epoch=True)
+                pl_module.log(f"{self._metric_prefix}R@{k}_start", v, on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute and log R@k when the epoch is due."""
@@ -162,4 +187,4 @@ class RetrievalMonitor(pl.Callback):
         self.history.append({"epoch": trainer.current_epoch, "recall": dict(recall)})
         for k, v in recall.items():
             # Every rank holds the same value, so no sync is needed.
-            pl_module.log(f"{self.prefix}R@{k}", v, on_step=False, on_epoch=True)
+            pl_module.log(f"{self._metric_prefix}R@{k}", v, on_step=False, on_epoch=True)
