@@ -51,7 +51,9 @@ class DemoSettings:
         motion_prob: ClusterTriplet's share of positives (and, drawn apart, of re-augmented
             anchors) replaced by their flow. SLIC's official value is 0.25; a short run sees
             few motion views at that rate, so the demo uses more.
-        num_clips: clips averaged per video in the retrieval evaluation.
+        num_clips: clips averaged per video in the retrieval evaluation, in the table and in
+            the curves (queries and gallery alike, so the curves start where the table's
+            starting-weights rows are).
         num_workers: DataLoader workers.
         recluster_every: epochs between re-clusterings (cluster-guided method).
         cluster_start_epoch: first re-clustering. The motion view's features cluster by motion
@@ -77,7 +79,7 @@ class DemoSettings:
     num_workers: int = 1
     recluster_every: int = 5
     cluster_start_epoch: int = 0
-    monitor_every: int = 3
+    monitor_every: int = 5
     seed: int = 0
 
 
@@ -314,12 +316,16 @@ def _train(name: str, s: DemoSettings, root: Path, flow_dir: Optional[Path],
     model, clustered = _build_method(name, s)
     start = copy.deepcopy(model).eval() if keep_start else None
     dm = _datamodule(s, root, model, flow_dir)
-    monitor = RetrievalMonitor(every_n_epochs=s.monitor_every, ks=(1, 5), at_start=True)
+    # The curves measure what the table does (num_clips clips of every video): a motion
+    # feature of one centre clip is far noisier than the mean over a few.
+    monitor = RetrievalMonitor(every_n_epochs=s.monitor_every, ks=(1, 5), at_start=keep_start,
+                               gallery_clips=s.num_clips)
     callbacks: List[Any] = [monitor]
     motion_monitor = None
     if _reads_motion(model):
         motion_monitor = RetrievalMonitor(every_n_epochs=s.monitor_every, ks=(1, 5),
-                                          at_start=True, features="motion")
+                                          at_start=keep_start, features="motion",
+                                          gallery_clips=s.num_clips)
         callbacks.append(motion_monitor)
     pseudo_labels = None
     if clustered:

@@ -43,7 +43,7 @@ class RetrievalMonitor(pl.Callback):
 
     Query features come from the data module's ``val_dataloader`` (``eval_num_clips`` clips
     averaged per video), gallery features from its ``bank_dataloader`` (one centre clip per
-    training video), both with the evaluation transform. Features are held on the CPU in
+    training video; ``gallery_clips`` more), both with the evaluation transform. Features are held on the CPU in
     float16 (a UCF101 bank of 9.5k x 512 takes 10 MB). Under DDP every rank embeds its share,
     the shares are gathered, and every rank computes (and logs) the same numbers. This is a
     monitor, not the reported protocol: use ``vidssl.evaluation.evaluate_retrieval`` (10 clips
@@ -65,6 +65,11 @@ class RetrievalMonitor(pl.Callback):
             that encodes motion and a data module that reads motion (``motion`` set), else
             training stops at setup with the reason; its metrics are logged as
             ``{prefix}{features}/R@k``, so it runs beside an RGB monitor.
+        gallery_clips: clips averaged per training video: 1 (the default) is the feature
+            bank's centre clip, cheap; more are the retrieval protocol's evenly spread clips
+            (``eval_dataloader("train", gallery_clips)``): with ``gallery_clips`` equal to the
+            data module's ``eval_num_clips`` the monitor measures what ``evaluate_retrieval``
+            with that ``num_clips`` does (on the val split).
 
     Attributes:
         initial: ``{k: R@k}`` of the starting weights (``at_start``), else ``None``.
@@ -83,6 +88,7 @@ class RetrievalMonitor(pl.Callback):
         at_start: bool = False,
         features_from: str = "backbone",
         features: str = "rgb",
+        gallery_clips: int = 1,
     ):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
@@ -90,6 +96,8 @@ class RetrievalMonitor(pl.Callback):
             raise ValueError(f"features_from must be 'backbone' or 'projection', got "
                              f"{features_from!r}")
         check_features(features)
+        if gallery_clips < 1:
+            raise ValueError(f"gallery_clips must be >= 1, got {gallery_clips}")
         self.every_n_epochs = every_n_epochs
         self.ks = tuple(ks)
         self.center = center
@@ -97,6 +105,7 @@ class RetrievalMonitor(pl.Callback):
         self.at_start = at_start
         self.features_from = features_from
         self.features = features
+        self.gallery_clips = gallery_clips
         self.initial: Optional[dict] = None
         self.last: Optional[dict] = None
         self.history: List[Dict[str, Any]] = []
@@ -131,7 +140,11 @@ class RetrievalMonitor(pl.Callback):
                 query, reason = None, str(err)
             if query is not None:
                 rank, world = vdist.rank_and_world(trainer)
-                gallery = dm.bank_dataloader(rank=rank, world_size=world)
+                if self.gallery_clips == 1:
+                    gallery = dm.bank_dataloader(rank=rank, world_size=world)
+                else:
+                    gallery = dm.eval_dataloader("train", num_clips=self.gallery_clips,
+                                                 rank=rank, world_size=world)
                 return _sharded(query, rank, world), gallery, dm
         if not self._warned:
             log.warning("RetrievalMonitor is skipped: %s", reason)
