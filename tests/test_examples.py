@@ -162,8 +162,8 @@ def test_demo_writes_everything_it_announces(tmp_path):
     assert table[1].split()[:2] == ["model", "features"]
     _assert_rows(table[2:], rows)
     # the flow was computed into the collection's cache, where a second run finds it
-    assert any((Path(tmp_path / "c").glob("synthetic-motion-v2-per_video-4x6-seed0/flow_dis_32/"
-                                           "**/*.npy")))
+    assert any(Path(tmp_path / "c").glob("synthetic-motion-v2-per_video-4x6-seed0/flow_dis_32/"
+                                          "**/*.npy"))
     # the curves: R@1 of both runs after each epoch, motion R@1 and the motion clusters' NMI
     # for SLIC; the starting weights once, on RGB and on motion, as the table's clips measure
     assert set(out["history"]) == {slic, simclr}

@@ -988,7 +988,8 @@ def _run_demo(a: argparse.Namespace) -> int:
     from vidssl.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(out_dir=a.output, cache_dir=a.cache_dir, method=a.method,
-                          baseline=a.baseline, motion_prob=a.motion_prob, epochs=a.epochs, videos_per_class=a.videos_per_class,
+                          baseline=a.baseline, motion_prob=a.motion_prob, epochs=a.epochs,
+                          videos_per_class=a.videos_per_class,
                           width_mult=a.width_mult, num_workers=a.num_workers, seed=a.seed))
     return 0
 

@@ -108,8 +108,7 @@ def _dataset(s: DemoSettings) -> Path:
 
 
 def _flow(s: DemoSettings, root: Path) -> Tuple[Path, float]:
-    """Compute (once; it resumes) the DIS optical flow of the collection; return its folder and
-    the seconds this call took."""
+    """Compute (once; it resumes) the collection's DIS flow; return its folder and the seconds."""
     from vidssl.data.flow import flow_dataset
 
     flow_dir = root / f"flow_dis_{s.crop_size}"
@@ -262,14 +261,16 @@ def _reads_motion(model: Any) -> bool:
 
 
 def _label(model: Any, s: DemoSettings) -> str:
-    """The row name of a trained method: what it saw and for how long."""
+    """Return the row name of a trained method: what it saw and for how long."""
     seen = "RGB + flow" if _reads_motion(model) else "RGB only"
     return f"{type(model).__name__} ({seen}, {s.epochs} epochs)"
 
 
 def _datamodule(s: DemoSettings, root: Path, model: Any, flow_dir: Optional[Path]):
-    """The data module of ``model``: benchmarks/retrieval_synthetic.py's settings, plus the
-    stored flow for a method that reads motion."""
+    """Return ``model``'s data module: the benchmark's settings, plus flow if it reads motion.
+
+    The settings are those of benchmarks/retrieval_synthetic.py.
+    """
     from vidssl.data import VideoAugmentation, VideoDataModule
 
     motion: Dict[str, Any] = {}
@@ -305,8 +306,10 @@ class _Run:
 
 def _train(name: str, s: DemoSettings, root: Path, flow_dir: Optional[Path],
            keep_start: bool = False) -> Tuple[_Run, Any]:
-    """Train ``name`` from the seed's starting weights; return the run and, with
-    ``keep_start``, a copy of the method before training (else ``None``)."""
+    """Train ``name`` from the seed's starting weights; return the run and its start.
+
+    The start is a copy of the method before training with ``keep_start``, else ``None``.
+    """
     import pytorch_lightning as pl
 
     from vidssl.callbacks import PseudoLabels, RetrievalMonitor

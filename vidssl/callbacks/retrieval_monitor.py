@@ -43,9 +43,10 @@ class RetrievalMonitor(pl.Callback):
 
     Query features come from the data module's ``val_dataloader`` (``eval_num_clips`` clips
     averaged per video), gallery features from its ``bank_dataloader`` (one centre clip per
-    training video; ``gallery_clips`` more), both with the evaluation transform. Features are held on the CPU in
-    float16 (a UCF101 bank of 9.5k x 512 takes 10 MB). Under DDP every rank embeds its share,
-    the shares are gathered, and every rank computes (and logs) the same numbers. This is a
+    training video; ``gallery_clips`` more), both with the evaluation transform. Features are
+    held on the CPU in float16 (a UCF101 bank of 9.5k x 512 takes 10 MB). Under DDP every rank
+    embeds its share, the shares are gathered, and every rank computes (and logs) the same
+    numbers. This is a
     monitor, not the reported protocol: use ``vidssl.evaluation.evaluate_retrieval`` (10 clips
     per video, test split) for the numbers you publish.
 
