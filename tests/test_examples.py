@@ -130,37 +130,76 @@ def test_cluster_config_runs_on_two_processes(config, official_roots, tmp_path):
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr + out.stdout
 
 
+def _assert_rows(lines, rows):
+    """Each table line starts with its row's model name, then its features."""
+    assert len(lines) == len(rows)
+    for line, (name, features) in zip(lines, rows):
+        assert line.startswith(name) and line[len(name):].split()[0] == features, line
+
+
 @pytest.mark.slow
 def test_demo_writes_everything_it_announces(tmp_path):
+    """The default demo: SLIC with its flow view beside RGB-only SimCLR, scored on RGB and on
+    motion against the starting weights, curves of both, a motion-feature index."""
+    import json
+
     from vidssl.demo import DemoSettings, run_demo
     from vidssl.evaluation.search import SearchIndex
 
     out = run_demo(DemoSettings(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
                                 epochs=2, videos_per_class=4, width_mult=0.0625,
-                                num_workers=0, recluster_every=1, cluster_start_epoch=0,
-                                monitor_every=1,
-                                batch_size=8))
+                                num_workers=0, recluster_every=1, monitor_every=1,
+                                num_clips=2, batch_size=8))
     res = tmp_path / "out"
     for name in ("retrieval.txt", "retrieval_examples.png", "training_curves.png",
                  "model.ckpt", "history.json"):
         assert (res / name).stat().st_size > 0, name
-    assert set(out["results"]) == {"ClusterTriplet (2 epochs)", "random init"}
-    # epoch -1: the starting weights (0 epochs trained), measured as the later points are
-    assert [r["epoch"] for r in out["history"]] == [-1, 0, 1]
-    assert set(out["history"][0]) == {"epoch", "R@1"}
-    assert all("R@1" in r and "NMI" in r for r in out["history"][1:])
-    assert len(SearchIndex.load(res / "index")) == 24
+    slic, simclr = "ClusterTriplet (RGB + flow, 2 epochs)", "SimCLR (RGB only, 2 epochs)"
+    rows = [(slic, "rgb"), (slic, "motion"), (simclr, "rgb"), ("starting weights", "rgb"),
+            ("starting weights", "motion")]
+    assert [(n, r.modality) for n, r in out["results"]] == rows
+    table = (res / "retrieval.txt").read_text().splitlines()
+    assert table[1].split()[:2] == ["model", "features"]
+    _assert_rows(table[2:], rows)
+    # the flow was computed into the collection's cache, where a second run finds it
+    assert any(Path(tmp_path / "c").glob("synthetic-motion-v2-per_video-4x6-seed0/flow_dis_32/"
+                                          "**/*.npy"))
+    # the curves: R@1 of both runs after each epoch, motion R@1 and the motion clusters' NMI
+    # for SLIC; the starting weights once, on RGB and on motion, as the table's clips measure
+    assert set(out["history"]) == {slic, simclr}
+    assert all({"R@1", "R@1 motion", "NMI"} <= set(r) for r in out["history"][slic])
+    assert all(set(r) == {"epoch", "R@1"} for r in out["history"][simclr])
+    assert [r["epoch"] for r in out["history"][slic]] == [0, 1]
+    # the curves' starting line is the table's starting-weights row (float16 aside: a query)
+    assert set(out["starts"]) == {"RGB", "motion"}
+    assert out["starts"]["motion"] == pytest.approx(out["results"][4][1].recall[1], abs=0.17)
+    saved = json.loads((res / "history.json").read_text())
+    assert set(saved["runs"]) == {slic, simclr} and saved["starting weights"] == out["starts"]
+    index = SearchIndex.load(res / "index")
+    assert len(index) == 24 and out["features"] == "motion"
+    assert index.meta["features"] == "motion"
 
 
 @pytest.mark.slow
-def test_demo_trains_goca_with_frame_differences(tmp_path):
-    """`vidssl demo --method GOCA` works: RGB + frame differences, online clustering."""
+def test_demo_trains_goca_with_flow_and_simclr_without_a_second_simclr(tmp_path):
+    """`vidssl demo --method GOCA`: RGB + stored flow, scored on motion too; `--method SimCLR`
+    trains it once (no baseline twice) and computes no flow."""
     from vidssl.cli import main
 
+    tiny = ["--epochs", "1", "--videos-per-class", "4", "--width-mult", "0.0625",
+            "--num-workers", "0"]
     out = tmp_path / "out"
     assert main(["demo", "-o", str(out), "--cache-dir", str(tmp_path / "c"), "--method", "GOCA",
-                 "--epochs", "2", "--videos-per-class", "4", "--width-mult", "0.0625",
-                 "--num-workers", "0"]) == 0
-    table = (out / "retrieval.txt").read_text()
-    assert "GOCA (2 epochs)" in table and "random init" in table
+                 "--no-baseline", *tiny]) == 0
+    goca = "GOCA (RGB + flow, 1 epochs)"
+    _assert_rows((out / "retrieval.txt").read_text().splitlines()[2:], [
+        (goca, "rgb"), (goca, "motion"), ("starting weights", "rgb"),
+        ("starting weights", "motion")])
     assert (out / "model.ckpt").stat().st_size > 0
+    out2 = tmp_path / "out2"
+    assert main(["demo", "-o", str(out2), "--cache-dir", str(tmp_path / "c2"), "--method",
+                 "SimCLR", *tiny]) == 0
+    table = (out2 / "retrieval.txt").read_text().splitlines()
+    assert "features of rgb;" in table[0]  # one kind of features: no column
+    assert [line.split()[0] for line in table[2:]] == ["SimCLR", "starting"]
+    assert not list((tmp_path / "c2").glob("*/flow_dis_*"))

@@ -138,3 +138,25 @@ def test_the_demo_history_comes_from_the_callbacks_public_history():
         {"epoch": 0}, {"epoch": 1, "R@1": 0.5}, {"epoch": 2, "NMI": 0.25},
         {"epoch": 3, "R@1": 0.625}]
     assert _history(2, monitor, None) == [{"epoch": 0}, {"epoch": 1, "R@1": 0.5}]
+    motion = RetrievalMonitor(every_n_epochs=2, ks=(1,), features="motion")
+    motion.history = [{"epoch": 1, "recall": {1: 0.75}}]
+    assert _history(2, monitor, None, motion) == [
+        {"epoch": 0}, {"epoch": 1, "R@1": 0.5, "R@1 motion": 0.75}]
+
+
+def test_the_demos_methods_start_from_the_same_backbone_weights():
+    import pytorch_lightning as pl
+
+    from vidssl.demo import DemoSettings, _build_method
+
+    s = DemoSettings(width_mult=0.0625)
+    built = {}
+    for name in ("ClusterTriplet", "SimCLR"):
+        pl.seed_everything(s.seed, verbose=False)  # as the demo does before building each
+        built[name] = _build_method(name, s)[0]
+    slic, simclr = built["ClusterTriplet"], built["SimCLR"]
+    assert slic.motion_prob == s.motion_prob and slic.motion_views
+    a, b = slic.backbone.state_dict(), simclr.backbone.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="unknown demo method 'MoCo'; choose one of"):
+        _build_method("MoCo", s)

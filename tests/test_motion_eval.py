@@ -226,3 +226,78 @@ def test_embed_command_with_motion_features(tmp_path, capsys):
     assert main(["embed", "r3d_18", "--random-init", str(root), "-o", str(tmp_path / "e2"),
                  "--features", "motion", "--motion", "mv", *clips]) == 2
     assert "needs a model that encodes motion" in capsys.readouterr().err
+
+
+class _MonitorData(_StubData):
+    """The stub data as a RetrievalMonitor reads it: val = the test split, a bank, shards."""
+
+    eval_num_clips = 2
+
+    def eval_dataloader(self, split, num_clips, rank=None, world_size=None):
+        return super().eval_dataloader(split, num_clips)
+
+    def val_dataloader(self):
+        return self.eval_dataloader("test", self.eval_num_clips)
+
+    def bank_dataloader(self, rank=None, world_size=None):
+        return self.eval_dataloader("train", 1)
+
+
+def test_retrieval_monitor_follows_motion_features_under_the_protocols_clips():
+    from types import SimpleNamespace
+
+    from vidssl.callbacks import RetrievalMonitor
+
+    model, dm = _Stub(), _MonitorData()
+    model.device = torch.device("cpu")
+    trainer = SimpleNamespace(datamodule=dm, global_rank=0, world_size=1, current_epoch=0,
+                              sanity_checking=False)
+    ks = (1, 2, 5)
+    expected = {f: evaluate_retrieval(model, dm, num_clips=2, ks=ks, features=f).recall
+                for f in ("rgb", "motion")}
+    assert expected["rgb"] != expected["motion"]  # so the monitor's choice shows
+    for features in ("rgb", "motion"):
+        # gallery_clips = the eval clips: the monitor measures what evaluate_retrieval does
+        mon = RetrievalMonitor(ks=ks, features=features, gallery_clips=2)
+        assert mon.compute(trainer, model) == expected[features]
+    # one centre clip per training video (the default) is another measure
+    assert RetrievalMonitor(ks=ks, features="motion").compute(trainer, model) != expected["motion"]
+    logged = []
+    model.log = lambda name, value, **kw: logged.append(name)
+    RetrievalMonitor(ks=(1,), features="motion").on_train_epoch_end(trainer, model)
+    assert logged == ["val/motion/R@1"]  # beside an RGB monitor's val/R@1
+
+
+def test_retrieval_monitor_on_motion_needs_motion_data_and_a_motion_encoder():
+    from types import SimpleNamespace
+
+    from vidssl.callbacks import RetrievalMonitor
+
+    with pytest.raises(ValueError, match="unknown features 'flow'"):
+        RetrievalMonitor(features="flow")
+    with pytest.raises(ValueError, match="gallery_clips must be >= 1"):
+        RetrievalMonitor(gallery_clips=0)
+    mon = RetrievalMonitor(features="motion")
+    no_motion = SimpleNamespace(datamodule=SimpleNamespace(motion_channels=0))
+    with pytest.raises(ValueError, match="needs motion fields in the eval batches"):
+        mon.setup(no_motion, _Stub(), "fit")
+    with pytest.raises(ValueError, match="needs a model that encodes motion"):
+        mon.setup(SimpleNamespace(datamodule=_MonitorData()), torch.nn.Linear(2, 2), "fit")
+    mon.setup(SimpleNamespace(datamodule=_MonitorData()), _Stub(), "fit")  # both there: fine
+    RetrievalMonitor().setup(no_motion, torch.nn.Linear(2, 2), "fit")  # RGB needs neither
+
+
+def test_recall_table_names_each_rows_features_when_they_differ():
+    model, dm = _Stub(), _StubData()
+    rgb = evaluate_retrieval(model, dm, num_clips=2, ks=(1, 5))
+    motion = evaluate_retrieval(model, dm, num_clips=2, ks=(1, 5), features="motion")
+    # (name, result) rows: one model may appear on two kinds of features
+    lines = format_recall_table([("m", rgb), ("m", motion)]).splitlines()
+    assert "features of each row's clips (features column)" in lines[0]
+    assert lines[1].split() == ["model", "features", "R@1", "R@5"]
+    assert lines[2].split()[:2] == ["m", "rgb"] and lines[3].split()[:2] == ["m", "motion"]
+    assert lines[3].split()[2] == f"{100 * motion.recall[1]:.1f}"
+    # one kind of features: the protocol line names it, no column (the table as before)
+    same = format_recall_table({"a": rgb, "b": rgb}).splitlines()
+    assert "features of rgb;" in same[0] and same[1].split() == ["model", "R@1", "R@5"]
+    assert same == format_recall_table([("a", rgb), ("b", rgb)]).splitlines()

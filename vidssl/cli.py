@@ -967,8 +967,14 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     d = DemoSettings()
     p.add_argument("-o", "--output", default=d.out_dir, help=f"results folder ({d.out_dir})")
     p.add_argument("--cache-dir", default=d.cache_dir,
-                   help="where the synthetic videos are generated (reused)")
-    p.add_argument("--method", default=d.method, choices=DEMO_METHODS)
+                   help="where the synthetic videos and their optical flow are written (reused)")
+    p.add_argument("--method", default=d.method, choices=DEMO_METHODS,
+                   help=f"method to pretrain ({d.method}: SLIC with its flow view)")
+    p.add_argument("--no-baseline", dest="baseline", action="store_false",
+                   help="do not also train RGB-only SimCLR for comparison")
+    p.add_argument("--motion-prob", type=float, default=d.motion_prob,
+                   help=f"ClusterTriplet: share of positives replaced by flow ({d.motion_prob}; "
+                        "SLIC: 0.25)")
     p.add_argument("--epochs", type=int, default=d.epochs)
     p.add_argument("--videos-per-class", type=int, default=d.videos_per_class)
     p.add_argument("--width-mult", type=float, default=d.width_mult)
@@ -982,7 +988,8 @@ def _run_demo(a: argparse.Namespace) -> int:
     from vidssl.demo import DemoSettings, run_demo
 
     run_demo(DemoSettings(out_dir=a.output, cache_dir=a.cache_dir, method=a.method,
-                          epochs=a.epochs, videos_per_class=a.videos_per_class,
+                          baseline=a.baseline, motion_prob=a.motion_prob, epochs=a.epochs,
+                          videos_per_class=a.videos_per_class,
                           width_mult=a.width_mult, num_workers=a.num_workers, seed=a.seed))
     return 0
 

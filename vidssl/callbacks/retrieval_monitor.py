@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from vidssl import distributed as vdist
-from vidssl.evaluation.features import feature_pass
+from vidssl.evaluation.features import check_features, feature_pass
 from vidssl.evaluation.retrieval import recall_at_k
 
 __all__ = ["RetrievalMonitor"]
@@ -43,9 +43,10 @@ class RetrievalMonitor(pl.Callback):
 
     Query features come from the data module's ``val_dataloader`` (``eval_num_clips`` clips
     averaged per video), gallery features from its ``bank_dataloader`` (one centre clip per
-    training video), both with the evaluation transform. Features are held on the CPU in
-    float16 (a UCF101 bank of 9.5k x 512 takes 10 MB). Under DDP every rank embeds its share,
-    the shares are gathered, and every rank computes (and logs) the same numbers. This is a
+    training video; ``gallery_clips`` more), both with the evaluation transform. Features are
+    held on the CPU in float16 (a UCF101 bank of 9.5k x 512 takes 10 MB). Under DDP every rank
+    embeds its share, the shares are gathered, and every rank computes (and logs) the same
+    numbers. This is a
     monitor, not the reported protocol: use ``vidssl.evaluation.evaluate_retrieval`` (10 clips
     per video, test split) for the numbers you publish.
 
@@ -59,6 +60,17 @@ class RetrievalMonitor(pl.Callback):
             under the same protocol.
         features_from: compare ``"backbone"`` features or ``"projection"`` head outputs
             (SLIC's published numbers use its 128-d head's).
+        features: which clips make a video's feature: ``"rgb"``, ``"motion"`` (its motion
+            fields through the method's ``encode_motion``) or ``"both"``, as
+            :func:`vidssl.evaluation.evaluate_retrieval`. Other than ``"rgb"`` it needs a method
+            that encodes motion and a data module that reads motion (``motion`` set), else
+            training stops at setup with the reason; its metrics are logged as
+            ``{prefix}{features}/R@k``, so it runs beside an RGB monitor.
+        gallery_clips: clips averaged per training video: 1 (the default) is the feature
+            bank's centre clip, cheap; more are the retrieval protocol's evenly spread clips
+            (``eval_dataloader("train", gallery_clips)``): with ``gallery_clips`` equal to the
+            data module's ``eval_num_clips`` the monitor measures what ``evaluate_retrieval``
+            with that ``num_clips`` does (on the val split).
 
     Attributes:
         initial: ``{k: R@k}`` of the starting weights (``at_start``), else ``None``.
@@ -76,22 +88,45 @@ class RetrievalMonitor(pl.Callback):
         prefix: str = "val/",
         at_start: bool = False,
         features_from: str = "backbone",
+        features: str = "rgb",
+        gallery_clips: int = 1,
     ):
         if every_n_epochs < 1:
             raise ValueError(f"every_n_epochs must be >= 1, got {every_n_epochs}")
         if features_from not in ("backbone", "projection"):
             raise ValueError(f"features_from must be 'backbone' or 'projection', got "
                              f"{features_from!r}")
+        check_features(features)
+        if gallery_clips < 1:
+            raise ValueError(f"gallery_clips must be >= 1, got {gallery_clips}")
         self.every_n_epochs = every_n_epochs
         self.ks = tuple(ks)
         self.center = center
         self.prefix = prefix
         self.at_start = at_start
         self.features_from = features_from
+        self.features = features
+        self.gallery_clips = gallery_clips
         self.initial: Optional[dict] = None
         self.last: Optional[dict] = None
         self.history: List[Dict[str, Any]] = []
         self._warned = False
+
+    @property
+    def _metric_prefix(self) -> str:
+        return self.prefix if self.features == "rgb" else f"{self.prefix}{self.features}/"
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        """Check that motion features can be made: a method and data module with motion."""
+        if self.features == "rgb":
+            return
+        check_features(self.features, model=pl_module)
+        dm = trainer.datamodule
+        if dm is not None and not getattr(dm, "motion_channels", 0):
+            raise ValueError(
+                f"RetrievalMonitor(features={self.features!r}) needs motion fields in the eval "
+                f"batches but the data module reads none; build it with motion='flow' (and "
+                "flow_dir), 'mv' or 'diff', or use features='rgb'")
 
     def _loaders(self, trainer: pl.Trainer) -> Optional[Tuple[Any, Any, Any]]:
         dm = trainer.datamodule
@@ -106,7 +141,11 @@ class RetrievalMonitor(pl.Callback):
                 query, reason = None, str(err)
             if query is not None:
                 rank, world = vdist.rank_and_world(trainer)
-                gallery = dm.bank_dataloader(rank=rank, world_size=world)
+                if self.gallery_clips == 1:
+                    gallery = dm.bank_dataloader(rank=rank, world_size=world)
+                else:
+                    gallery = dm.eval_dataloader("train", num_clips=self.gallery_clips,
+                                                 rank=rank, world_size=world)
                 return _sharded(query, rank, world), gallery, dm
         if not self._warned:
             log.warning("RetrievalMonitor is skipped: %s", reason)
@@ -134,7 +173,7 @@ class RetrievalMonitor(pl.Callback):
 
         # Features on the CPU in float16; every rank's share gathered, each video once.
         kw = dict(projection=self.features_from == "projection", device=pl_module.device,
-                  dtype=torch.float16, gather=True)
+                  dtype=torch.float16, gather=True, features=self.features)
         q = feature_pass(pl_module, query, augment, **kw)
         g = feature_pass(pl_module, gallery, augment, **kw)
         return recall_at_k(q.features.float().numpy(), q.labels.numpy(),
@@ -149,7 +188,7 @@ class RetrievalMonitor(pl.Callback):
         if recall:
             self.initial = recall
             for k, v in recall.items():
-                pl_module.log(f"{self.prefix}R@{k}_start", v, on_step=False, on_epoch=True)
+                pl_module.log(f"{self._metric_prefix}R@{k}_start", v, on_step=False, on_epoch=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Compute and log R@k when the epoch is due."""
@@ -162,4 +201,4 @@ class RetrievalMonitor(pl.Callback):
         self.history.append({"epoch": trainer.current_epoch, "recall": dict(recall)})
         for k, v in recall.items():
             # Every rank holds the same value, so no sync is needed.
-            pl_module.log(f"{self.prefix}R@{k}", v, on_step=False, on_epoch=True)
+            pl_module.log(f"{self._metric_prefix}R@{k}", v, on_step=False, on_epoch=True)

@@ -7,7 +7,7 @@ of its k nearest gallery videos (cosine similarity, exact search) has its class.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import faiss
 import numpy as np
@@ -314,19 +314,34 @@ def evaluate_retrieval(
     )
 
 
-def format_recall_table(results: Dict[str, RetrievalResult]) -> str:
-    """Format ``{name: RetrievalResult}`` as a table of R@k in percent, protocol line first."""
-    first = next(iter(results.values()))
+def format_recall_table(
+    results: Union[Mapping[str, RetrievalResult], Sequence[Tuple[str, RetrievalResult]]],
+) -> str:
+    """Format results as a table of R@k in percent, protocol line first.
+
+    ``results`` is ``{name: RetrievalResult}`` or a sequence of ``(name, result)`` rows (a name
+    may repeat, e.g. one model on two kinds of features). When the rows were made from
+    different clips (their ``modality``: ``rgb``, ``motion``, ...), a ``features`` column says
+    which for each row and the protocol line says so; otherwise the protocol line names them.
+    """
+    rows = list(results.items()) if isinstance(results, Mapping) else list(results)
+    first = rows[0][1]
     ks = list(first.recall)
-    width = max(8, *(len(n) for n in results))
+    width = max(8, *(len(n) for n, _ in rows))
+    mixed = len({r.modality for _, r in rows}) > 1
+    made_of = "each row's clips (features column)" if mixed else first.modality
+    fwidth = max(8, *(len(r.modality) for _, r in rows)) if mixed else 0
+    head = f"{'features':<{fwidth}} " if mixed else ""
     lines = [
         f"retrieval protocol: {first.num_queries} test videos query {first.num_gallery} "
         f"training videos; {first.clips}; {first.feature} "
-        f"features of {first.modality}"
+        f"features of {made_of}"
         f"{', mean-centred' if first.center else ''}; {first.similarity}; a query "
         "counts at k when one of its k nearest training videos has its class",
-        f"{'model':<{width}} " + " ".join(f"{'R@' + str(k):>6}" for k in ks),
+        f"{'model':<{width}} {head}" + " ".join(f"{'R@' + str(k):>6}" for k in ks),
     ]
-    for name, r in results.items():
-        lines.append(f"{name:<{width}} " + " ".join(f"{100 * r.recall[k]:>6.1f}" for k in ks))
+    for name, r in rows:
+        feats = f"{r.modality:<{fwidth}} " if mixed else ""
+        lines.append(f"{name:<{width}} {feats}"
+                     + " ".join(f"{100 * r.recall[k]:>6.1f}" for k in ks))
     return "\n".join(lines)
