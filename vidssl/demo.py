@@ -67,7 +67,7 @@ class DemoSettings:
     cache_dir: str = os.path.join(os.path.expanduser("~"), ".cache", "vidssl")
     method: str = "ClusterTriplet"
     baseline: bool = True
-    epochs: int = 15
+    epochs: int = 20
     videos_per_class: int = 40
     width_mult: float = 0.125
     clip_len: int = 8
@@ -167,8 +167,8 @@ def _plot_history(histories: Dict[str, List[Dict[str, float]]], path: Path,
             pts = [(r["epoch"] + shift, r[key]) for r in rows if key in r]
             if pts:
                 ax.plot(*zip(*pts), style, color=colour, label=f"{run}: {what}", markersize=4)
-    # The starting weights under the curves' own protocol (RetrievalMonitor: one centre clip
-    # per gallery video), so the curves and the lines compare like with like.
+    # The starting weights measured as the curves are (RetrievalMonitor with the table's clips
+    # per video), so the curves and the lines compare like with like.
     for (what, r1), style in zip(starts.items(), (":", "-.")):
         ax.axhline(r1, color="grey", linestyle=style, label=f"starting weights: R@1 ({what})")
     ax.set_xlabel("epochs trained")
@@ -177,7 +177,7 @@ def _plot_history(histories: Dict[str, List[Dict[str, float]]], path: Path,
     ax.grid(alpha=0.3)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=120, bbox_inches="tight")  # keep the outside legend and the title
     plt.close(fig)
 
 
