@@ -46,9 +46,9 @@ class RetrievalMonitor(pl.Callback):
     training video; ``gallery_clips`` more), both with the evaluation transform. Features are
     held on the CPU in float16 (a UCF101 bank of 9.5k x 512 takes 10 MB). Under DDP every rank
     embeds its share, the shares are gathered, and every rank computes (and logs) the same
-    numbers. This is a
-    monitor, not the reported protocol: use ``vidssl.evaluation.evaluate_retrieval`` (10 clips
-    per video, test split) for the numbers you publish.
+    numbers. This is a monitor, not the reported protocol: use
+    ``vidssl.evaluation.evaluate_retrieval`` (10 clips per video, test split) for the numbers
+    you publish.
 
     Args:
         every_n_epochs: run after every n-th training epoch.
