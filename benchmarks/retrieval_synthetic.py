@@ -74,6 +74,8 @@ def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabel
     # Before --start-epoch there are no labels: every video is its own class (instance
     # discrimination), and the first clustering uses the network trained that way.
     start = args.start_epoch if start_epoch is None else start_epoch
+    if args.every == 0:  # cluster once, the starting weights' features, and keep the labels
+        kw["cluster_before_training"] = True
     if args.oracle:  # the true classes as pseudo-labels: the upper bound of the clustering
         kw = {"oracle": True, "modality": kw.get("modality", "rgb")}
     return PseudoLabels(every_n_epochs=args.every, start_epoch=start,
@@ -239,7 +241,8 @@ def main() -> None:
     ap.add_argument("--width", type=float, default=0.125, help="backbone width multiplier")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--epochs", type=int, default=40)
-    ap.add_argument("--every", type=int, default=5, help="re-clustering period (epochs)")
+    ap.add_argument("--every", type=int, default=5,
+                    help="re-clustering period (epochs); 0: cluster once, before training")
     ap.add_argument("--start-epoch", type=int, default=0, help="first re-clustering epoch")
     ap.add_argument("--shift", type=int, default=8,
                     help="simclr_videosimclr: largest shift of each view from the source clip")
