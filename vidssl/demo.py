@@ -228,13 +228,18 @@ def _plot_results(queries: List[str], hits: List[List[Any]], class_of, path: Pat
 DEMO_METHODS = ("ClusterTriplet", "SimCLR", "GOCA")
 
 
+def _check_method(name: str) -> None:
+    """Raise ``ValueError`` unless ``name`` is one of :data:`DEMO_METHODS`."""
+    if name not in DEMO_METHODS:
+        raise ValueError(f"unknown demo method {name!r}; choose one of "
+                         f"{', '.join(DEMO_METHODS)}")
+
+
 def _build_method(name: str, s: DemoSettings):
     """Return the method ``name`` and whether it is cluster-guided (needs PseudoLabels)."""
     from vidssl import methods
 
-    if name not in DEMO_METHODS:
-        raise ValueError(f"unknown demo method {name!r}; choose one of "
-                         f"{', '.join(DEMO_METHODS)}")
+    _check_method(name)
     common = dict(backbone="r3d_18", backbone_kwargs={"width_mult": s.width_mult})
     optim = dict(optimizer="adamw", lr=s.lr, weight_decay=1e-4, lr_schedule="cosine")
     if name == "ClusterTriplet":
@@ -371,7 +376,7 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
     from vidssl.evaluation.search import SearchIndex
 
     s = s or DemoSettings()
-    _build_method(s.method, s)  # an unknown method fails before any work
+    _check_method(s.method)  # an unknown method fails before any work
     t0 = time.time()
     out = Path(s.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
