@@ -1,7 +1,8 @@
 """Retrieval after short pretraining: every method against a randomly initialised backbone.
 
-Methods: SimCLR, MoCo v2, SLIC's ClusterTriplet and ClusterContrast, all from the same initial
-backbone weights (the random-init row).
+Methods: SimCLR, MoCo v2, SLIC's ClusterTriplet (also with motion views), ClusterContrast and
+GOCA, all from the same initial backbone weights (the random-init row); ``supervised`` (cross-
+entropy on the true classes) is the upper bound of what the backbone learns in the budget.
 
 Writes the synthetic motion collection (classes differ only by motion; vidssl.data.synthetic),
 by default with one appearance shared by every video (``--appearance shared``: with a look of
@@ -70,6 +71,21 @@ def _optim(args, **fields) -> dict:
     return {"optim": Optimization(**fields)}
 
 
+class _Supervised(SimCLR):
+    """Cross-entropy on the true classes, the same backbone and optimiser: what this backbone
+    learns of the classes in this budget when it is told them (an upper bound, not SSL)."""
+
+    views = ("anchor",)
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.classifier = torch.nn.Linear(self.feature_dim, num_classes)
+
+    def compute_loss(self, batch):
+        logits = self.classifier(self.backbone(batch["views"][0]))
+        return torch.nn.functional.cross_entropy(logits, batch["label"])
+
+
 def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabels:
     # Before --start-epoch there are no labels: every video is its own class (instance
     # discrimination), and the first clustering uses the network trained that way.
@@ -86,6 +102,9 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
     """Return (method, callbacks, data module settings) of a method name."""
     if name == "random":
         return SimCLR(**_backbone(args)), [], {}
+    if name == "supervised":
+        method = _Supervised(args.classes, **_optim(args), **_backbone(args))
+        return method, [], {"views": list(method.views)}
     if name == "simclr":
         return SimCLR(**_optim(args), **_backbone(args)), [], {}
     if name in ("simclr_cvrl", "simclr_videosimclr"):
@@ -152,8 +171,8 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
                                 **clustering)  # fmt: skip
         return method, [labels], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, simclr_cvrl, simclr_videosimclr, "
-                     "moco, slic, slic_flow, slic_mv, slic_diff, cluster_contrast, "
-                     "or A+B (A for --start-epoch epochs, then B from its backbone)")
+                     "moco, slic, slic_flow, slic_mv, slic_diff, goca, cluster_contrast, "
+                     "supervised, or A+B (A for --start-epoch epochs, then B from its backbone)")
 
 
 class _SourceNMI(pl.Callback):
