@@ -73,7 +73,11 @@ def _optim(args, **fields) -> dict:
 
 class _Supervised(SimCLR):
     """Cross-entropy on the true classes, the same backbone and optimiser: what this backbone
-    learns of the classes in this budget when it is told them (an upper bound, not SSL)."""
+    learns of the classes in this budget when it is told them (an upper bound, not SSL).
+
+    A SimCLR subclass for SimCLR's optimiser defaults (no decay on biases and norms), so that
+    only the loss differs from the ``simclr`` row; its projection head is unused.
+    """
 
     views = ("anchor",)
 
