@@ -228,8 +228,6 @@ def test_resume_after_a_removal_maps_labels_without_reclustering(videos, tmp_pat
 
 def test_motion_modality_clusters_the_motion_features_of_the_bank(videos, tmp_path):
     """modality='motion': the labels are the clustering of the method's motion features."""
-    from vidssl.evaluation.features import feature_pass
-
     torch.manual_seed(0)
     model = ClusterTriplet(motion_prob=0.5, motion_input="xy", motion_channels=3,
                            proj_hidden_dim=16, proj_output_dim=8, backbone="r3d_18",
@@ -238,12 +236,22 @@ def test_motion_modality_clusters_the_motion_features_of_the_bank(videos, tmp_pa
     dm.setup("fit")
     # The labels are made at the start of epoch 0, from the weights as they are now, of the
     # projection outputs (ClusterTriplet's pseudo_label_defaults: SLIC clusters those).
-    expected = {}
-    for modality in ("motion", "rgb"):
-        bank = feature_pass(model, dm.bank_dataloader(), lambda b: dm.augment(b, train=False),
-                            features=modality, projection=True)
-        feats = torch.nn.functional.normalize(bank.features, dim=1).numpy()
-        expected[modality] = clustering.cluster(feats, method="finch").labels
+    # Computed here by hand, batch by batch in eval mode, rows in dataset-index order.
+    model.eval()
+    feats, order = {"motion": [], "rgb": []}, []
+    with torch.no_grad():
+        for batch in dm.bank_dataloader():
+            batch = dm.augment(batch, train=False)
+            order.append(batch["index"])
+            feats["motion"].append(model.projection(model.encode_motion(batch["motion"][0])))
+            feats["rgb"].append(model.projection(model.backbone(batch["views"][0])))
+    model.train()
+    rows = torch.cat(order).argsort()
+    expected = {
+        k: clustering.cluster(torch.nn.functional.normalize(torch.cat(v)[rows], dim=1).numpy(),
+                              method="finch").labels
+        for k, v in feats.items()
+    }
     cb = PseudoLabels(every_n_epochs=1, method="finch", modality="motion")
     _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(model, datamodule=dm)
     assert cb.history[0]["epoch"] == 0
