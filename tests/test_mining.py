@@ -104,6 +104,29 @@ def test_cluster_triplet_loss_without_triplets_is_zero_and_differentiable():
     assert emb.grad is not None
 
 
+def test_cluster_triplet_loss_gradient_is_bit_identical_across_repeats():
+    # Large clusters make many triplets share rows. Gathering the rows by advanced indexing
+    # accumulates their gradients with parallel atomic adds on a multi-threaded CPU, in a
+    # different order each time; the loss must give the same gradient bit for bit.
+    g = torch.Generator().manual_seed(0)
+    emb0 = torch.randn(64, 128, generator=g)
+    labels = torch.arange(64) % 2  # two clusters of 32: ~1000 triplets x 128 numbers
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the parallel path needs more than one thread
+    try:
+        grads = set()
+        for _ in range(10):
+            emb = emb0.clone().requires_grad_()
+            draw = torch.Generator().manual_seed(1)
+            out = cluster_triplet_loss(emb, labels, margin=2.0, generator=draw)
+            out.loss.backward()
+            grads.add(emb.grad.numpy().tobytes())
+    finally:
+        torch.set_num_threads(threads)
+    assert out.anchor.numel() * 128 >= 32768  # enough to take the parallel path
+    assert len(grads) == 1
+
+
 def test_temporal_discrimination_loss_matches_formula():
     g = torch.Generator().manual_seed(3)
     a, a2, p = (torch.randn(5, 4, generator=g, dtype=torch.float64) for _ in range(3))

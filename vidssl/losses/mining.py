@@ -142,8 +142,13 @@ def cluster_triplet_loss(
     anchor, positive, negative = anchor[keep], positive[keep], negative[keep]
     if anchor.numel() == 0:
         return TripletSelection(embeddings.sum() * 0.0, anchor, positive, negative)
+    # index_select, not e[anchor]: the backward of advanced indexing accumulates a row that
+    # appears in many triplets with parallel atomic adds on a multi-threaded CPU (when the
+    # triplets hold >= 32768 numbers), so the same seed gave different weights run to run;
+    # index_select's backward (index_add) sums in index order.
     e = embeddings
-    loss = triplet_margin_cosine(e[anchor], e[positive], e[negative], margin)
+    rows = [e.index_select(0, i) for i in (anchor, positive, negative)]
+    loss = triplet_margin_cosine(*rows, margin)
     return TripletSelection(loss, anchor, positive, negative)
 
 
