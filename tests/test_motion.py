@@ -425,3 +425,96 @@ def test_rasterized_frames_of_a_real_video_equal_blocks_painted_by_hand(real_vid
     # a running sum over the frame once left +-1e-7 there, coded 127 or 128 by its sign.
     records = _all_vectors(real_videos / "vtest.avi", {"flags2": "+export_mvs"})[1:9]
     _check_rasterized(records, (768, 576), (171, 128))
+
+
+# ---------------------------------------------------------------------------- reader shortcuts
+def _read_all_ways(path, idx, size):
+    """Field, flags and codes of ``idx``: what the reader returns."""
+    field, has = read_motion_vectors(str(path), idx, size=size, with_flags=True)
+    return field, has, read_motion_vectors(str(path), idx, size=size, quantized=True)
+
+
+def _assert_same_reads(got, want):
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("codec,b", [("mpeg4", 0), ("mpeg4", 2), ("msmpeg4", 0), ("msmpeg4v2", 0),
+                                     ("mpeg2video", 2), ("mpeg1video", 0), ("h263", 0),
+                                     ("flv", 0)])
+def test_a_low_resolution_decode_gives_the_full_resolution_fields(tmp_path, monkeypatch, codec,
+                                                                    b):
+    # MPEG-family decoders parse at 1/8 size (FFmpeg lowres): the same vectors, and the coded
+    # size (the fields' scale) comes from the decoder, not from the small frames.
+    path, _ = _sprite_file(tmp_path, codec, b, velocity=(1, 1), num_frames=30)
+    idx = [27, 3, 4, 6, 21, 4, 18, 9]  # with B-frames: 3, 6, 9, 18, 21, 27 are P-frames
+    seen = []
+    coded_size = mv_module._coded_size
+
+    def spy(decoded, ctx, low):
+        seen.append((tuple(decoded), low))
+        return coded_size(decoded, ctx, low)
+
+    monkeypatch.setattr(mv_module, "_coded_size", spy)
+    low = _read_all_ways(path, idx, (64, 48))
+    assert seen and all(s == ((16, 12), True) for s in seen), seen  # 128x96 decoded at 1/8
+    monkeypatch.setattr(mv_module, "_LOWRES_DECODERS", frozenset())
+    seen.clear()
+    full = _read_all_ways(path, idx, (64, 48))
+    assert seen and all(s == ((128, 96), False) for s in seen), seen
+    _assert_same_reads(low, full)
+    assert low[1].sum() >= 3 and low[0][low[1]].any()  # vectors to compare: not vacuous
+    _assert_same_reads(_read_all_ways(path, idx, None)[:2], (
+        read_motion_vectors(str(path), idx, with_flags=True)))
+
+
+def test_a_low_resolution_decode_that_fails_its_size_check_falls_back(tmp_path, monkeypatch):
+    path, _ = _sprite_file(tmp_path, "mpeg4", 0, velocity=(1, 1), num_frames=30)
+    idx = [3, 4, 20]
+    want = _read_all_ways(path, idx, (64, 48))
+    lows = []
+    coded_size = mv_module._coded_size
+
+    def refuse_lowres(decoded, ctx, low):
+        lows.append(low)
+        if low:
+            raise mv_module._LowresFailed
+        return coded_size(decoded, ctx, low)
+
+    monkeypatch.setattr(mv_module, "_coded_size", refuse_lowres)
+    _assert_same_reads(_read_all_ways(path, idx, (64, 48)), want)
+    assert lows == [True, False] * 2  # tried at low resolution, then decoded in full
+
+
+def test_the_motion_vector_records_have_pyav_s_layout(tmp_path):
+    path, _ = _sprite_file(tmp_path, "mpeg4", velocity=(1, 1))
+    with av.open(str(path)) as container:
+        container.streams.video[0].codec_context.options = {"flags2": "+export_mvs"}
+        sides = [f.side_data.get("MOTION_VECTORS") for f in container.decode(video=0)]
+    sides = [s for s in sides if s is not None]
+    assert len(sides) >= 5
+    for side in sides:
+        mine, theirs = mv_module._records(side), side.to_ndarray()
+        assert mine.dtype == theirs.dtype and np.array_equal(mine, theirs)
+
+
+def test_repeated_frames_painted_once_equal_each_frame_painted(tmp_path, real_videos):
+    # The views of a sample share frames: each distinct frame is painted once and gathered.
+    records = _all_vectors(real_videos / "vtest.avi", {"flags2": "+export_mvs"})[1:6]
+    distances = [(1, 1), (2, 1), (1, 3), (1, 1), (2, 2)]
+    select = np.array([4, 0, 0, 2, 4, 1, 3, 2])
+    for kw in ({"dtype": np.float32}, {"quantized": True}):
+        once = mv_module._rasterize_frames(records, distances, (768, 576), (171, 128),
+                                           select=select, **kw)
+        each = mv_module._rasterize_frames([records[k] for k in select],
+                                           [distances[k] for k in select], (768, 576),
+                                           (171, 128), **kw)
+        assert once.dtype == each.dtype and np.array_equal(once, each)
+        assert len({once[k].tobytes() for k in range(len(select))}) == 5  # 5 distinct fields
+    # Through the reader: any order, repeats, each equal to reading its frame alone.
+    path, _ = _sprite_file(tmp_path, "mpeg2video", 2, velocity=(1, 1), num_frames=30)
+    idx = [7, 3, 7, 13, 3, 0, 5, 13]
+    got = _read_all_ways(path, idx, (64, 48))
+    alone = [_read_all_ways(path, [k], (64, 48)) for k in idx]
+    _assert_same_reads(got, [np.concatenate([a[i] for a in alone]) for i in range(3)])
+    assert got[1].sum() >= 6 and got[0][got[1]].any()  # B-frames with vectors too

@@ -30,6 +30,14 @@ _CELL = 4  # coded pixels per rasterisation cell
 #: Decoder options: vectors are bitstream syntax, so FFmpeg may skip the pixel work (inverse
 #: transform and motion compensation, deblocking); the exported vectors are the same (tested).
 _MV_OPTIONS = {"flags2": "+export_mvs", "skip_idct": "all", "skip_loop_filter": "all"}
+#: FFmpeg's ``lowres`` (decode at 1/2**_LOWRES the size) for the MPEG video family decoders
+#: (their largest ``max_lowres``): the vectors are parsed and exported at the coded size, the
+#: same records (tested); only the motion compensation of the unused pixels gets cheaper.
+_LOWRES = 3
+_LOWRES_DECODERS = frozenset(
+    {"mpeg1video", "mpeg2video", "mpeg4", "msmpeg4v1", "msmpeg4v2", "msmpeg4", "h263", "h263p",
+     "flv"}
+)
 
 
 def rasterize_motion_vectors(
@@ -68,18 +76,22 @@ def _rasterize_frames(
     size: tuple[int, int],
     dtype: type = np.float16,
     quantized: bool = False,
+    select: np.ndarray | None = None,
 ) -> np.ndarray:
     """:func:`rasterize_motion_vectors` of several frames at once: ``F x H x W x 2`` of ``dtype``.
 
     One scatter and one gather for all frames (no per-block Python). With ``quantized``, the
-    uint8 codes of :func:`vidssl.data.flow.quantize_flow` of that field instead.
+    uint8 codes of :func:`vidssl.data.flow.quantize_flow` of that field instead. With
+    ``select`` (indices into ``records``), the fields of ``records[select]``: each record is
+    painted once however often it is selected.
     """
     width, height = size
     sx, sy = width / coded_size[0], height / coded_size[1]
     counts = np.array([len(m) for m in records])
     out_dtype = np.uint8 if quantized else dtype
     if counts.sum() == 0:
-        zero = np.zeros((len(records), height, width, 2), dtype)
+        n = len(records) if select is None else len(select)
+        zero = np.zeros((n, height, width, 2), dtype)
         return quantize_flow(zero) if quantized else zero
     present = [m for m in records if len(m)]
     # One buffer: np.concatenate of structured arrays re-checks their fields each call.
@@ -126,6 +138,8 @@ def _rasterize_frames(
     # (x, y) pairs viewed as single integers of twice the item size; columns first on the small
     # grid, then whole rows.
     pairs = np.ascontiguousarray(grid).view(f"u{2 * grid.itemsize}")[..., 0]
+    if select is not None:
+        pairs = pairs[select]
     out = pairs.take(gx, axis=2).take(gy, axis=1)
     return out[..., None].view(grid.dtype).astype(out_dtype, copy=False)
 
@@ -147,8 +161,41 @@ def _anchor_distances(types: list[int], k: int) -> tuple[int, int]:
 _FRAME_BY_FRAME = frozenset({"mpeg4", "msmpeg4"})
 
 
+#: FFmpeg's ``AVMotionVector`` as PyAV's ``MotionVectors.to_ndarray`` lays it out (which builds
+#: this dtype anew on every call).
+_AV_MOTION_VECTOR = np.dtype(
+    [("source", "int32"), ("w", "uint8"), ("h", "uint8"), ("src_x", "int16"), ("src_y", "int16"),
+     ("dst_x", "int16"), ("dst_y", "int16"), ("flags", "uint64"), ("motion_x", "int32"),
+     ("motion_y", "int32"), ("motion_scale", "uint16")],
+    align=True,
+)
+
+
+def _records(side) -> np.ndarray:
+    """``side.to_ndarray()`` of PyAV motion-vector side data, without rebuilding its dtype."""
+    return np.frombuffer(side, _AV_MOTION_VECTOR)
+
+
 class _JumpFailed(Exception):
     """Decoding from a later keyframe would not number the frames as a sequential decode does."""
+
+
+class _LowresFailed(Exception):
+    """A ``lowres`` decode gave frames whose size does not tell the coded size."""
+
+
+def _coded_size(decoded: tuple[int, int], ctx, lowres: bool) -> tuple[int, int]:
+    """Return the coded ``(width, height)`` the vectors refer to, from frames of ``decoded`` size.
+
+    Without ``lowres`` that is the frame's size; with it, the decoder's coded size, which must
+    shrink to the frame's size (FFmpeg rounds up) or :class:`_LowresFailed` is raised.
+    """
+    if not lowres:
+        return decoded
+    coded = (int(ctx.coded_width), int(ctx.coded_height))
+    if tuple(-(-c >> _LOWRES) for c in coded) != tuple(decoded) or min(coded) <= 0:
+        raise _LowresFailed
+    return coded
 
 
 def _packets_from_keyframe(packets, start: int) -> tuple[list, int]:
@@ -194,14 +241,14 @@ def _decode_wanted(packets, wanted: set[int], last: int):
         coded = coded or (frames[0].width, frames[0].height)
         side = frames[0].side_data.get("MOTION_VECTORS") if n in wanted else None
         if side is not None:
-            vectors[n] = side.to_ndarray()
+            vectors[n] = _records(side)
         if n >= last:
             return types, vectors, coded
     raise _JumpFailed
 
 
 def _decode_vectors(
-    path: str, wanted: set[int], last: int, jump: bool
+    path: str, wanted: set[int], last: int, jump: bool, lowres: bool = True
 ) -> tuple[list[int], dict[int, np.ndarray], tuple[int, int] | None]:
     """Picture types of frames ``0..last`` (and on to the next non-B frame), vectors of ``wanted``.
 
@@ -210,47 +257,57 @@ def _decode_vectors(
     (:func:`_decode_wanted`); for others the packets between frame 0 and the last keyframe at or
     before the first wanted frame are read but not decoded (frame 0 is: it may carry the
     stream's headers), their types reported as P, which no distance search reaches (the
-    keyframe stops it).
+    keyframe stops it). With ``lowres``, decoders of :data:`_LOWRES_DECODERS` decode at
+    1/2**:data:`_LOWRES` the size (the same vectors); the coded size comes from the decoder.
     """
     import av
 
-    types: list[int] = []
-    vectors: dict[int, np.ndarray] = {}
-    coded = None
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         ctx = stream.codec_context
-        ctx.options = dict(_MV_OPTIONS)
+        low = lowres and ctx.name in _LOWRES_DECODERS
+        ctx.options = {**_MV_OPTIONS, "lowres": str(_LOWRES)} if low else dict(_MV_OPTIONS)
         ctx.thread_count = 1  # frame threads change some H.264 vectors
         stream.thread_type = "SLICE"
-        packets = container.demux(stream)
-        key = 0
-        queue: list = []
-        if jump and not ctx.has_b_frames and ctx.name in _FRAME_BY_FRAME:
-            return _decode_wanted(packets, wanted, last)
-        if jump and not ctx.has_b_frames and min(wanted) > 0:
-            queue, key = _packets_from_keyframe(packets, min(wanted))
-        for packet in itertools.chain(queue, packets):
-            for frame in packet.decode():
-                coded = coded or (frame.width, frame.height)
-                if len(types) == 1 and key:
-                    types.extend([_P_FRAME] * (key - 1))
-                    if int(frame.pict_type) != _I_FRAME:
-                        raise _JumpFailed
-                k = len(types)
-                types.append(int(frame.pict_type))
-                if key and types[-1] == _B_FRAME:
+        types, vectors, decoded = _decode_stream(container.demux(stream), ctx, wanted, last, jump)
+        return types, vectors, decoded and _coded_size(decoded, ctx, low)
+
+
+def _decode_stream(packets, ctx, wanted: set[int], last: int, jump: bool):
+    """:func:`_decode_vectors` of an opened stream, with the decoded frames' size.
+
+    That size is the coded size unless the decoder runs at a lower resolution.
+    """
+    types: list[int] = []
+    vectors: dict[int, np.ndarray] = {}
+    decoded = None
+    key = 0
+    queue: list = []
+    if jump and not ctx.has_b_frames and ctx.name in _FRAME_BY_FRAME:
+        return _decode_wanted(packets, wanted, last)
+    if jump and not ctx.has_b_frames and min(wanted) > 0:
+        queue, key = _packets_from_keyframe(packets, min(wanted))
+    for packet in itertools.chain(queue, packets):
+        for frame in packet.decode():
+            decoded = decoded or (frame.width, frame.height)
+            if len(types) == 1 and key:
+                types.extend([_P_FRAME] * (key - 1))
+                if int(frame.pict_type) != _I_FRAME:
                     raise _JumpFailed
-                # FFmpeg's MPEG-4 Part 2 decoder exports a zero vector for every block of a
-                # B-frame (any encoder): no information, so no vectors.
-                if k in wanted and not (types[-1] == _B_FRAME and ctx.name == "mpeg4"):
-                    side = frame.side_data.get("MOTION_VECTORS")
-                    if side is not None:
-                        vectors[k] = side.to_ndarray()
-                # A B-frame also needs the distance to the next I/P frame: decode on to it.
-                if k >= last and types[-1] != _B_FRAME:
-                    return types, vectors, coded
-    return types, vectors, coded
+            k = len(types)
+            types.append(int(frame.pict_type))
+            if key and types[-1] == _B_FRAME:
+                raise _JumpFailed
+            # FFmpeg's MPEG-4 Part 2 decoder exports a zero vector for every block of a
+            # B-frame (any encoder): no information, so no vectors.
+            if k in wanted and not (types[-1] == _B_FRAME and ctx.name == "mpeg4"):
+                side = frame.side_data.get("MOTION_VECTORS")
+                if side is not None:
+                    vectors[k] = _records(side)
+            # A B-frame also needs the distance to the next I/P frame: decode on to it.
+            if k >= last and types[-1] != _B_FRAME:
+                return types, vectors, decoded
+    return types, vectors, decoded
 
 
 def read_motion_vectors(
@@ -305,23 +362,33 @@ def read_motion_vectors(
         raise IndexError(f"Negative frame index {indices.min()} requested from {path}.")
     last = int(indices.max())
     wanted = set(indices.tolist())
-    try:
-        types, vectors, coded = _decode_vectors(path, wanted, last, jump=True)
-    except _JumpFailed:
-        types, vectors, coded = _decode_vectors(path, wanted, last, jump=False)
+    jump, lowres = True, True
+    while True:  # each shortcut that fails is dropped, down to the plain sequential decode
+        try:
+            types, vectors, coded = _decode_vectors(path, wanted, last, jump, lowres)
+            break
+        except _JumpFailed:
+            if not jump:
+                raise
+            jump = False
+        except _LowresFailed:
+            if not lowres:
+                raise
+            lowres = False
     if len(types) <= last:
         raise IndexError(
             f"{path} has only {len(types)} decodable frames but frame {last} was requested."
         )
     size = tuple(size) if size is not None else coded
-    # Painted in the requested order (a repeated frame is painted twice, on the small grid):
-    # no gather of the full-size fields afterwards.
-    order = indices.tolist()
+    # Each distinct frame painted once on the small grid (the views of a sample share frames),
+    # then spread to the requested order by the gather onto the output pixels.
+    order, select = np.unique(indices, return_inverse=True)
+    order = order.tolist()
     empty = np.zeros(0, np.dtype([("source", "<i4")]))
     fields = _rasterize_frames(
         [vectors.get(k, empty) for k in order],
         [_anchor_distances(types, k) if k in vectors else (1, 1) for k in order],
-        coded, size, quantized=quantized,
+        coded, size, quantized=quantized, select=select,
     )
-    has = np.array([k in vectors for k in order], bool)
+    has = np.array([k in vectors for k in indices.tolist()], bool)
     return (fields, has) if with_flags else fields
