@@ -173,7 +173,7 @@ _AV_MOTION_VECTOR = np.dtype(
 
 def _records(side) -> np.ndarray:
     """``side.to_ndarray()`` of PyAV motion-vector side data, without rebuilding its dtype."""
-    return np.frombuffer(side, _AV_MOTION_VECTOR)
+    return np.frombuffer(bytes(side), _AV_MOTION_VECTOR)
 
 
 class _JumpFailed(Exception):
