@@ -518,3 +518,13 @@ def test_repeated_frames_painted_once_equal_each_frame_painted(tmp_path, real_vi
     alone = [_read_all_ways(path, [k], (64, 48)) for k in idx]
     _assert_same_reads(got, [np.concatenate([a[i] for a in alone]) for i in range(3)])
     assert got[1].sum() >= 6 and got[0][got[1]].any()  # B-frames with vectors too
+
+
+def test_rasterize_takes_a_strided_slice_of_records(real_videos):
+    records = _all_vectors(real_videos / "vtest.avi", {"flags2": "+export_mvs"})[3]
+    every_other = records[::2]
+    assert not every_other.flags.c_contiguous
+    field = rasterize_motion_vectors(every_other, (768, 576), (171, 128))
+    assert np.array_equal(field, rasterize_motion_vectors(every_other.copy(), (768, 576),
+                                                          (171, 128)))
+    assert field.any()

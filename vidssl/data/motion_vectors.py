@@ -95,9 +95,11 @@ def _rasterize_frames(
         return quantize_flow(zero) if quantized else zero
     present = [m for m in records if len(m)]
     # One buffer: np.concatenate of structured arrays re-checks their fields each call.
-    mvs = np.frombuffer(b"".join(m.tobytes() for m in present), present[0].dtype)
+    mvs = np.frombuffer(
+        b"".join(m if m.flags.c_contiguous else m.tobytes() for m in present), present[0].dtype)
     frame = np.repeat(np.arange(len(records)), counts)
-    past, future = np.asarray(distances, np.float64).reshape(-1, 2)[frame].T
+    per_frame = np.asarray(distances, np.float64).reshape(-1, 2).T
+    past, future = np.repeat(per_frame[0], counts), np.repeat(per_frame[1], counts)
     source = mvs["source"].astype(np.float64)
     scale = np.maximum(mvs["motion_scale"].astype(np.float64), 1.0)
     sign = np.sign(source) / np.where(source < 0, past, future)
@@ -110,8 +112,10 @@ def _rasterize_frames(
     # onto the grid. The cell size changes nothing but the cost.
     half_w, half_h = mvs["w"].astype(np.int64) // 2, mvs["h"].astype(np.int64) // 2
     dst_x, dst_y = mvs["dst_x"].astype(np.int64), mvs["dst_y"].astype(np.int64)
-    edges = np.concatenate([dst_x - half_w, dst_y - half_h, dst_x + half_w, dst_y + half_h])
-    cell = next(c for c in (16, 8, _CELL) if c == _CELL or not np.any(edges % c))
+    # All edges are multiples of a power of two c when their bitwise OR is (two's complement).
+    edges = np.bitwise_or.reduce(
+        (dst_x - half_w) | (dst_y - half_h) | (dst_x + half_w) | (dst_y + half_h))
+    cell = next(c for c in (16, 8, _CELL) if c == _CELL or not edges & (c - 1))
     gw, gh = -(-coded_size[0] // cell), -(-coded_size[1] // cell)
     x0 = np.clip((dst_x - half_w) // cell, 0, gw - 1)
     y0 = np.clip((dst_y - half_h) // cell, 0, gh - 1)
@@ -382,13 +386,15 @@ def read_motion_vectors(
     size = tuple(size) if size is not None else coded
     # Each distinct frame painted once on the small grid (the views of a sample share frames),
     # then spread to the requested order by the gather onto the output pixels.
-    order, select = np.unique(indices, return_inverse=True)
-    order = order.tolist()
+    requested = indices.tolist()
+    order = sorted(wanted)
+    position = {k: j for j, k in enumerate(order)}
+    select = np.array([position[k] for k in requested], np.int64)
     empty = np.zeros(0, np.dtype([("source", "<i4")]))
     fields = _rasterize_frames(
         [vectors.get(k, empty) for k in order],
         [_anchor_distances(types, k) if k in vectors else (1, 1) for k in order],
         coded, size, quantized=quantized, select=select,
     )
-    has = np.array([k in vectors for k in indices.tolist()], bool)
+    has = np.array([k in vectors for k in requested], bool)
     return (fields, has) if with_flags else fields
