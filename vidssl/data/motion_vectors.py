@@ -1,9 +1,9 @@
 """Motion vectors read from the compressed stream on the fly: a dense motion field per frame.
 
 No pre-computation: PyAV decodes the frames up to the last one asked for with FFmpeg's
-``export_mvs`` (without their pixels; where the stream has no B-frames, only the clip's frames
-or from the keyframe before the clip) and each block's vector is painted over its block, at the
-RGB decode size.
+``export_mvs`` (without their pixels, MPEG-family streams at 1/8 size; where the stream has no
+B-frames, only the clip's frames or from the keyframe before the clip) and each block's vector
+is painted over its block, at the RGB decode size.
 """
 
 from __future__ import annotations
@@ -327,9 +327,10 @@ def read_motion_vectors(
     Frame ``k`` is the ``k``-th frame the decoder outputs (presentation order), the same frame
     :class:`vidssl.data.decoding.PyAVDecoder` returns for ``k``, so the fields align
     frame-by-frame with an RGB clip of the same indices. Frames are decoded without their pixels
-    (FFmpeg's ``skip_idct`` and ``skip_loop_filter``: the vectors are the same) and never
-    converted to RGB, on one thread, up to the last requested frame (plus the few frames up to
-    the next I/P frame, to know a B-frame's reference distance). Which frames are decoded
+    (FFmpeg's ``skip_idct`` and ``skip_loop_filter``; the MPEG video family also at 1/8 size,
+    ``lowres``: the vectors are the same) and never converted to RGB, on one thread, up to the
+    last requested frame (plus the few frames up to the next I/P frame, to know a B-frame's
+    reference distance). Which frames are decoded
     depends on the stream; the fields are the same either way (each shortcut checks the frames
     it gets and falls back to decoding from frame 0):
 
