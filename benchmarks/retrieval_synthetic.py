@@ -310,6 +310,9 @@ def main() -> None:
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="initial weights and sampling")
+    ap.add_argument("--train-seed", type=int, default=None,
+                    help="reseed after building, before training: the sampling, augmentation "
+                    "and clustering draws of --seed's starting weights (default: --seed's own)")
     ap.add_argument("--data-seed", type=int, default=0,
                     help="the collection's seed: keep it fixed to compare --seed values")
     args = ap.parse_args()
@@ -333,7 +336,8 @@ def main() -> None:
           f"{torch.__version__}; load average {os.getloadavg()}")  # fmt: skip
     print(f"collection: {args.classes} motion classes x {args.videos_per_class} videos of "
           f"{args.frames} frames {args.size}x{args.size}, {args.appearance} appearance, "
-          f"collection seed {args.data_seed}, seed {args.seed}; "
+          f"collection seed {args.data_seed}, seed {args.seed}"
+          f"{'' if args.train_seed is None else f' (training draws: seed {args.train_seed})'}; "
           f"{args.backbone} width {args.width}, clips {args.clip_len} x "
           f"{args.crop}px, batch {args.batch}, {args.epochs} epochs, re-clustering every "
           f"{args.every} epochs from epoch {args.start_epoch}, p_same {args.p_same}, "
@@ -348,6 +352,11 @@ def main() -> None:
         pl.seed_everything(args.seed, verbose=False)
         # After a pretraining stage, clustering starts at once (pseudo-labels from its weights).
         method, callbacks, dm_kw = _build(second, args, start_epoch=0 if first else None)
+        if args.train_seed is not None:  # the same starting weights, other training draws
+            pl.seed_everything(args.train_seed, verbose=False)
+            for cb in callbacks:
+                if isinstance(cb, PseudoLabels):
+                    cb.seed = args.train_seed
         minutes = 0.0
         # Its own starting weights on motion: the baseline to beat there.
         starts = _motion_rows(method, root, args, dm_kw, name, ", start")
