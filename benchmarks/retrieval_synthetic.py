@@ -2,7 +2,8 @@
 
 Methods: SimCLR, MoCo v2, SLIC's ClusterTriplet (also with motion views), ClusterContrast and
 GOCA, all from the same initial backbone weights (the random-init row); ``supervised`` (cross-
-entropy on the true classes) is the upper bound of what the backbone learns in the budget.
+entropy on the true classes) is the upper bound of what the backbone learns in the budget;
+``ce_flow`` is that cross-entropy on clusters of the flow view instead (DeepCluster's loss).
 
 Writes the synthetic motion collection (classes differ only by motion; vidssl.data.synthetic),
 by default with one appearance shared by every video (``--appearance shared``: with a look of
@@ -90,6 +91,31 @@ class _Supervised(SimCLR):
         return torch.nn.functional.cross_entropy(logits, batch["label"])
 
 
+class _PseudoCE(ClusterTriplet):
+    """Cross-entropy on the pseudo-labels (DeepCluster's loss) instead of SLIC's triplets.
+
+    The ``supervised`` row with the clusters in place of the true classes: a linear classifier
+    over at most ``max_classes`` clusters, reset whenever the labels change (DeepCluster
+    re-initialises it after every clustering), on the anchor clips only.
+    """
+
+    def __init__(self, max_classes: int, **kwargs) -> None:
+        super().__init__(temporal_weight=0.0, **kwargs)
+        self.views, self.motion_views = ("anchor",), ()
+        self.classifier = torch.nn.Linear(self.feature_dim, max_classes)
+        self._labels_seen: Optional[torch.Tensor] = None
+
+    def compute_loss(self, batch):
+        if self.pseudo_labels is None:
+            raise RuntimeError("no pseudo-labels yet: cluster from epoch 0")
+        if self._labels_seen is None or not torch.equal(self._labels_seen, self.pseudo_labels):
+            self._labels_seen = self.pseudo_labels.clone()
+            self.classifier.reset_parameters()
+        labels = self.pseudo_labels.to(batch["index"].device)[batch["index"]]
+        logits = self.classifier(self.backbone(batch["views"][0]))
+        return {"loss": torch.nn.functional.cross_entropy(logits, labels, ignore_index=-1)}
+
+
 def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabels:
     # Before --start-epoch there are no labels: every video is its own class (instance
     # discrimination), and the first clustering uses the network trained that way.
@@ -128,6 +154,12 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         method = ClusterTriplet(**_optim(args), **_backbone(args))
         labels = _pseudo_labels(args, start_epoch)
         return method, [labels], {"views": list(method.views)}
+    if name == "ce_flow":  # DeepCluster's loss on clusters of the flow view's features
+        method = _PseudoCE(max_classes=args.videos_per_class * args.classes, motion_channels=2,
+                           **_optim(args), **_backbone(args))  # fmt: skip
+        labels = _pseudo_labels(args, start_epoch, modality=args.bank)
+        return method, [labels], {"views": ["anchor"], "motion": "flow",
+                                  "flow_dir": args.flow_dir, "motion_views": []}
     if name.startswith("slic_"):
         # SLIC's multi-view (ClusterTriplet motion_prob, official 0.25): the positive and the
         # re-augmented anchor each replaced by their motion field, x copied to 3 channels.
@@ -135,8 +167,8 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         source = name.split("_", 1)[1]
         channels, stem = (3, "xy") if source == "diff" else (2, args.motion_input)
         method = ClusterTriplet(motion_prob=args.motion_prob, motion_input=stem,
-                                motion_channels=channels, **_optim(args),
-                                **_backbone(args))  # fmt: skip
+                                motion_channels=channels, temporal_weight=args.temporal_weight,
+                                **_optim(args), **_backbone(args))  # fmt: skip
         labels = _pseudo_labels(args, start_epoch, modality=args.bank)
         dm_kw = {"views": list(method.views), "motion": source,
                  "motion_views": list(method.motion_views)}
@@ -175,7 +207,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
                                 **clustering)  # fmt: skip
         return method, [labels], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, simclr_cvrl, simclr_videosimclr, "
-                     "moco, slic, slic_flow, slic_mv, slic_diff, goca, cluster_contrast, "
+                     "moco, slic, slic_flow, slic_mv, slic_diff, ce_flow, goca, cluster_contrast, "
                      "supervised, or A+B (A for --start-epoch epochs, then B from its backbone)")
 
 
@@ -228,6 +260,9 @@ def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
     return (time.perf_counter() - start) / 60
 
 
+_NO_COLOUR = {"jitter_p": 0.0, "grayscale_p": 0.0, "blur_p": 0.0}
+
+
 def _datamodule(root: str, args, **kw) -> VideoDataModule:
     settings = dict(
         train=root,
@@ -241,9 +276,10 @@ def _datamodule(root: str, args, **kw) -> VideoDataModule:
         backend="pyav",
         # The classes are directions of motion and a horizontal flip turns MoveLeft into
         # MoveRight, so no flip; crops keep 40-100 % of the frame (SimCLR's 8 % leaves a small
-        # frame without the blob); colour changes are left out: the look is not what is learned.
+        # frame without the blob); colour changes are left out (the look is not what is
+        # learned) unless --colour asks for SimCLR's jitter, grayscale and blur.
         train_augmentation=VideoAugmentation(args.crop, scale=(0.4, 1.0), flip_p=0.0,
-                                             jitter_p=0.0, grayscale_p=0.0, blur_p=0.0),
+                                             **({} if args.colour else _NO_COLOUR)),
     )
     settings.update(kw)
     return VideoDataModule(**settings)
@@ -273,6 +309,9 @@ def main() -> None:
     ap.add_argument("--motion-prob", type=float, default=0.25,
                     help="slic_flow / slic_mv / slic_diff: share of positives (and, drawn "
                     "apart, re-augmented anchors) replaced by motion (SLIC: 0.25)")
+    ap.add_argument("--temporal-weight", type=float, default=1.0,
+                    help="slic_*: weight of SLIC's temporal discrimination term (SLIC: 1; 0 "
+                    "drops it and its re-augmented anchor)")
     ap.add_argument("--motion-input", choices=("x3", "xy"), default="x3",
                     help="slic_*: motion through the RGB stem (x3, SLIC's) or its own stem (xy)")
     ap.add_argument("--bank", choices=("rgb", "motion", "both"), default="rgb",
@@ -307,6 +346,9 @@ def main() -> None:
     ap.add_argument("--drop-fraction", type=float, default=0.001,
                     help="ClusterContrast: share of the very hardest negatives dropped first "
                     "(Cai et al.: 0.001)")
+    ap.add_argument("--colour", action="store_true",
+                    help="SimCLR's colour jitter, grayscale and blur on the training clips "
+                    "(VideoAugmentation's defaults) instead of none")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="initial weights and sampling")
@@ -324,7 +366,7 @@ def main() -> None:
                                 num_frames=args.frames, seed=args.data_seed, width=args.size,
                                 height=args.size, appearance=args.appearance)  # fmt: skip
     args.flow_dir = os.path.join(root, f"flow_{args.flow_method}")
-    if any(m.split("+")[-1] in ("slic_flow", "goca") for m in args.methods):
+    if any(m.split("+")[-1] in ("slic_flow", "goca", "ce_flow") for m in args.methods):
         from vidssl.data.flow import flow_dataset
 
         t0 = time.perf_counter()
@@ -341,7 +383,8 @@ def main() -> None:
           f"{args.backbone} width {args.width}, clips {args.clip_len} x "
           f"{args.crop}px, batch {args.batch}, {args.epochs} epochs, re-clustering every "
           f"{args.every} epochs from epoch {args.start_epoch}, p_same {args.p_same}, "
-          f"{args.optimizer} lr {args.lr}, eval {args.num_clips} clips", flush=True)
+          f"{args.optimizer} lr {args.lr}, colour changes {'on' if args.colour else 'off'}, "
+          f"eval {args.num_clips} clips", flush=True)
 
     rows, histories = [], {}
     for name in ["random"] + args.methods:
