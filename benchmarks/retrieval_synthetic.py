@@ -244,7 +244,8 @@ def _motion_rows(method, root: str, args, dm_kw: dict, name: str, tag: str = "")
         return []
     dm = _datamodule(root, args, motion=dm_kw["motion"], flow_dir=dm_kw.get("flow_dir"))
     return [(f"{name} [{features}{tag}]", 0.0,
-             evaluate_retrieval(method, dm, num_clips=args.num_clips, features=features))
+             evaluate_retrieval(method, dm, num_clips=args.num_clips, features=features,
+                                projection=args.projection))
             for features in ("motion", "both")]  # fmt: skip
 
 
@@ -349,6 +350,9 @@ def main() -> None:
     ap.add_argument("--colour", action="store_true",
                     help="SimCLR's colour jitter, grayscale and blur on the training clips "
                     "(VideoAugmentation's defaults) instead of none")
+    ap.add_argument("--projection", action="store_true",
+                    help="retrieve with the projection head's outputs (SLIC's published "
+                    "protocol) instead of the backbone's features")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="initial weights and sampling")
@@ -384,7 +388,8 @@ def main() -> None:
           f"{args.crop}px, batch {args.batch}, {args.epochs} epochs, re-clustering every "
           f"{args.every} epochs from epoch {args.start_epoch}, p_same {args.p_same}, "
           f"{args.optimizer} lr {args.lr}, colour changes {'on' if args.colour else 'off'}, "
-          f"eval {args.num_clips} clips", flush=True)
+          f"eval {args.num_clips} clips of {'projection' if args.projection else 'backbone'} "
+          "features", flush=True)
 
     rows, histories = [], {}
     for name in ["random"] + args.methods:
@@ -414,7 +419,8 @@ def main() -> None:
                     momentum.load_state_dict(online.state_dict())
                 epochs -= args.start_epoch
             minutes += _fit(method, callbacks, _datamodule(root, args, **dm_kw), epochs)
-        res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips)
+        res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips,
+                                 projection=args.projection)  # fmt: skip
         rows.append((name, minutes, res))
         rows.extend(starts)
         for row in _motion_rows(method, root, args, dm_kw, name):  # trained, by motion and both
