@@ -53,6 +53,17 @@ def test_there_is_a_config_per_method():
             "cluster_contrast_ucf101", "goca_ucf101"} <= names
 
 
+def _gloo_teardown_abort(out: subprocess.CompletedProcess) -> bool:
+    """Whether a finished 2-process run died in torch 2.13's gloo teardown at exit.
+
+    That teardown now and then aborts the process ("terminate called without an active
+    exception", SIGABRT) after ``Trainer.fit`` has returned (docs/cli.md; see also
+    tests/test_ddp_methods.py): a fault of the exit, not of the run under test.
+    """
+    return (out.returncode == -6 and "terminate called without an active exception" in out.stderr
+            and "`Trainer.fit` stopped" in out.stderr)  # fmt: skip
+
+
 def _runnable(config: Path, tmp_path: Path) -> Path:
     """The config, with only what tiny data needs changed: a pre-trained backbone file of the
     tiny width where it names one, and at most 3 clusters where it asks for more."""
@@ -125,6 +136,9 @@ def test_cluster_config_runs_on_two_processes(config, official_roots, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get(
         "PYTHONPATH", "")]), "OMP_NUM_THREADS": "1", "PL_DISABLE_FORK": "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    if _gloo_teardown_abort(out):  # once: torch's gloo teardown, after training finished
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env,
+                             cwd=tmp_path)  # fmt: skip
     assert out.returncode == 0, out.stderr[-3000:]
     # Both ranks took part: the pseudo-labels were made from the gathered bank of every video.
     assert "Initializing distributed: GLOBAL_RANK: 1, MEMBER: 2/2" in out.stderr + out.stdout
