@@ -146,8 +146,7 @@ def cluster_triplet_loss(
     # appears in many triplets with parallel atomic adds on a multi-threaded CPU (when the
     # triplets hold >= 32768 numbers), so the same seed gave different weights run to run;
     # index_select's backward (index_add) sums in index order.
-    e = embeddings
-    rows = [e.index_select(0, i) for i in (anchor, positive, negative)]
+    rows = [embeddings.index_select(0, i) for i in (anchor, positive, negative)]
     loss = triplet_margin_cosine(*rows, margin)
     return TripletSelection(loss, anchor, positive, negative)
 
