@@ -1,9 +1,11 @@
 """Retrieval after short pretraining: every method against a randomly initialised backbone.
 
 Methods: SimCLR, MoCo v2, SLIC's ClusterTriplet (also with motion views), ClusterContrast and
-GOCA, all from the same initial backbone weights (the random-init row); ``supervised`` (cross-
-entropy on the true classes) is the upper bound of what the backbone learns in the budget;
-``ce_flow`` is that cross-entropy on clusters of the flow view instead (DeepCluster's loss).
+GOCA, CrossModalContrast (``xmodal*``: RGB and flow streams contrasted within and across
+modalities), all from the same initial backbone weights (the random-init row);
+``supervised`` (cross-entropy on the true classes) is the upper bound of what the backbone
+learns in the budget; ``ce_flow`` is that cross-entropy on clusters of the flow view instead
+(DeepCluster's loss).
 
 Writes the synthetic motion collection (classes differ only by motion; vidssl.data.synthetic),
 by default with one appearance shared by every video (``--appearance shared``: with a look of
@@ -44,6 +46,7 @@ from vidssl.methods import (
     GOCA,
     ClusterContrast,
     ClusterTriplet,
+    CrossModalContrast,
     EMASchedule,
     Head,
     MoCo,
@@ -128,6 +131,11 @@ def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabel
                         p_same=args.p_same, seed=args.seed, **kw)  # fmt: skip
 
 
+#: CrossModalContrast rows: (rgb_weight, motion_weight, cross_weight).
+_CROSS_MODAL = {"xmodal": (0.0, 1.0, 1.0), "xmodal_maclr": (1.0, 0.0, 1.0),
+                "xmodal_cross": (0.0, 0.0, 1.0), "xmodal_all": (1.0, 1.0, 1.0)}
+
+
 def _build(name: str, args, start_epoch: Optional[int] = None):
     """Return (method, callbacks, data module settings) of a method name."""
     if name == "random":
@@ -186,6 +194,19 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         dm_kw = {"views": list(method.views), "motion": "flow", "flow_dir": args.flow_dir,
                  "motion_views": list(method.motion_views)}
         return method, [_SourceNMI()], dm_kw
+    if name in _CROSS_MODAL:
+        # CrossModalContrast on RGB and stored flow; the rows differ by the terms weighted in
+        # (rgb, motion, cross): its default, MaCLR's, the cross term alone, all three.
+        rgb, motion, cross = _CROSS_MODAL[name]
+        source = args.xmodal_motion
+        method = CrossModalContrast(motion_channels=3 if source == "diff" else 2,
+                                    rgb_weight=rgb, motion_weight=motion, cross_weight=cross,
+                                    **_optim(args), **_backbone(args))  # fmt: skip
+        dm_kw = {"views": list(method.views), "motion": source,
+                 "motion_views": list(method.motion_views)}
+        if source == "flow":
+            dm_kw["flow_dir"] = args.flow_dir
+        return method, [], dm_kw
     if name == "cluster_contrast":
         # A short run has few steps: MoCo's key momentum 0.999 would leave the key encoder near
         # its initial weights, so --ema (0.9) is used; the queue holds two batches of keys.
@@ -207,7 +228,8 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
                                 **clustering)  # fmt: skip
         return method, [labels], {}
     raise SystemExit(f"unknown method {name!r}; valid: simclr, simclr_cvrl, simclr_videosimclr, "
-                     "moco, slic, slic_flow, slic_mv, slic_diff, ce_flow, goca, cluster_contrast, "
+                     "moco, slic, slic_flow, slic_mv, slic_diff, ce_flow, goca, xmodal, "
+                     "xmodal_maclr, xmodal_cross, xmodal_all, cluster_contrast, "
                      "supervised, or A+B (A for --start-epoch epochs, then B from its backbone)")
 
 
@@ -322,6 +344,9 @@ def main() -> None:
                     help="cluster-guided methods: the true classes instead of clusters (an "
                     "upper bound, not self-supervised; SLIC's 'Supervised SLIC')")
     ap.add_argument("--goca-prototypes", type=int, default=30, help="goca: prototypes K")
+    ap.add_argument("--xmodal-motion", choices=("flow", "mv", "diff"), default="flow",
+                    help="xmodal*: the motion stream's source (stored flow, motion vectors, "
+                    "frame differences)")
     ap.add_argument("--flow-method", default="dis",
                     help="slic_flow: how `vidssl flow` computes the flow (tvl1, dis, farneback)")
     ap.add_argument("--optimizer", choices=("adamw", "sgd"), default="adamw",
@@ -370,7 +395,8 @@ def main() -> None:
                                 num_frames=args.frames, seed=args.data_seed, width=args.size,
                                 height=args.size, appearance=args.appearance)  # fmt: skip
     args.flow_dir = os.path.join(root, f"flow_{args.flow_method}")
-    if any(m.split("+")[-1] in ("slic_flow", "goca", "ce_flow") for m in args.methods):
+    with_flow = ("slic_flow", "goca", "ce_flow", *_CROSS_MODAL)
+    if any(m.split("+")[-1] in with_flow for m in args.methods):
         from vidssl.data.flow import flow_dataset
 
         t0 = time.perf_counter()

@@ -16,7 +16,7 @@ import vidssl.methods as methods
 
 SECTIONS = [
     ("Methods (`model:`)", [methods.SimCLR, methods.MoCo, methods.ClusterTriplet,
-                            methods.ClusterContrast, methods.GOCA]),
+                            methods.ClusterContrast, methods.GOCA, methods.CrossModalContrast]),
     ("Supervised evaluation (`model:`)", [probe.LinearProbe, probe.FineTune]),
     ("Data (`data:`)", [data.VideoDataModule]),
     ("Callbacks (`trainer.callbacks:`)", [callbacks.PseudoLabels, callbacks.RetrievalMonitor]),

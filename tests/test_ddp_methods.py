@@ -1,4 +1,5 @@
-"""Distributed behaviour on 2 gloo processes on the CPU: gathers, SimCLR negatives, MoCo queue."""
+"""Distributed behaviour on 2 gloo processes on the CPU: gathers, SimCLR negatives, MoCo queue,
+CrossModalContrast's negatives."""
 
 import os
 from datetime import timedelta
@@ -29,6 +30,7 @@ def _worker(rank, tmp):
         "simclr": _simclr(rank),
         "moco": _moco(rank),
         "goca": _goca_sinkhorn(rank),
+        "xmodal": _xmodal(rank),
     }
     torch.save(results, os.path.join(tmp, f"rank{rank}.pt"))
     _exit_together(rank, tmp)
@@ -106,6 +108,41 @@ def test_simclr_uses_other_ranks_negatives(ranks):
     g2 = torch.cat([o["g2"] for o in out]) / WORLD
     torch.testing.assert_close(g1, z1.grad, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(g2, z2.grad, rtol=1e-5, atol=1e-7)
+
+
+def _xmodal_model_and_batch():
+    from vidssl.methods import CrossModalContrast, Head
+
+    torch.manual_seed(0)  # the same weights on every rank, as DDP broadcasts them
+    # Eval mode: BN by its running statistics, so a sample's embedding does not depend on the
+    # rest of its rank's batch and the ranks' halves embed as the whole batch does.
+    m = CrossModalContrast(backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16},
+                           rgb_weight=0.5, head=Head(hidden_dim=16, output_dim=8)).eval()
+    g = torch.Generator().manual_seed(1)
+    n = WORLD * B
+    batch = {"views": [torch.randn(n, 3, 4, 16, 16, generator=g) for _ in range(2)],
+             "motion": {p: torch.randn(n, 2, 4, 16, 16, generator=g) for p in range(2)}}
+    return m, batch
+
+
+def _xmodal(rank):
+    m, batch = _xmodal_model_and_batch()
+    mine = slice(rank * B, (rank + 1) * B)
+    half = {"views": [v[mine] for v in batch["views"]],
+            "motion": {p: v[mine] for p, v in batch["motion"].items()}}
+    return {k: v.detach() for k, v in m.compute_loss(half).items()}
+
+
+def test_cross_modal_contrast_uses_other_ranks_negatives(ranks):
+    out = [r["xmodal"] for r in ranks]
+    m, batch = _xmodal_model_and_batch()
+    with torch.no_grad():
+        full = m.compute_loss(batch)
+    # Every term is an NT-Xent over all ranks' rows, so the mean of the ranks' losses is the
+    # single-process loss on the concatenated batch, term by term.
+    for key in ("loss", "loss_rgb", "loss_motion", "loss_cross"):
+        mean = torch.stack([o[key] for o in out]).mean()
+        assert mean.item() == pytest.approx(full[key].item(), rel=1e-5), key
 
 
 class _TinyBackbone(nn.Module):

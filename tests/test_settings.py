@@ -165,7 +165,7 @@ def _printed(capsys, *args):
 
 
 @pytest.mark.parametrize("model", ["SimCLR", "MoCo", "ClusterTriplet", "ClusterContrast",
-                                   "GOCA"])
+                                   "GOCA", "CrossModalContrast"])
 def test_print_config_lists_the_groups_of_every_method(model, capsys):
     args = _printed(capsys, "--model", model, "--data.init_args.train=x",
                     "--model.init_args.optim.lr", "0.2", "--model.init_args.ema.momentum=0.5")

@@ -225,7 +225,7 @@ def _plot_results(queries: List[str], hits: List[List[Any]], class_of, path: Pat
 
 
 #: Methods ``vidssl demo --method`` trains.
-DEMO_METHODS = ("ClusterTriplet", "SimCLR", "GOCA")
+DEMO_METHODS = ("CrossModalContrast", "ClusterTriplet", "SimCLR", "GOCA")
 
 
 def _check_method(name: str) -> None:
@@ -248,6 +248,11 @@ def _build_method(name: str, s: DemoSettings):
         return methods.ClusterTriplet(motion_prob=s.motion_prob, motion_input="x3",
                                       motion_channels=2, head=methods.Head(hidden_dim=128),
                                       optim=methods.Optimization(**optim), **common), True
+    if name == "CrossModalContrast":
+        # RGB and flow streams, contrasted within the flow stream and across the two (its
+        # defaults); a smaller head than its 2048 hidden units for the CPU.
+        return methods.CrossModalContrast(motion_channels=2, head=methods.Head(hidden_dim=128),
+                                          optim=methods.Optimization(**optim), **common), False
     if name == "GOCA":
         # RGB and the stored flow (the cue that lifts GOCA's motion stream in
         # docs/benchmarks.md, well above frame differences), 30 prototypes for a few hundred
@@ -425,15 +430,17 @@ def run_demo(s: Optional[DemoSettings] = None) -> Dict[str, Any]:
         {"starting weights": starts, "runs": histories}, indent=1))
     _plot_history(histories, out / "training_curves.png", starts)
 
-    # The index holds the features that retrieve by motion: the motion view's, when the
-    # method has one (RGB features stay near chance on this collection at this budget).
-    features = "motion" if motion else "rgb"
+    # The index holds the features that retrieve by motion: CrossModalContrast's RGB stream
+    # (what it trains; queries then need no flow), else the motion view's when the method has
+    # one (the other methods' RGB features stay near chance on this collection at this budget).
+    features = "motion" if motion and s.method != "CrossModalContrast" else "rgb"
     _say(f"embedding every video ({features} features) and building the search index")
     settings = ClipSettings.for_encoder(info, num_clips=s.num_clips)
     emb = embed_videos(trained, find_videos(root / "UCF-101"), out / "embeddings", settings,
                        info, num_workers=s.num_workers, overwrite=True, progress=False,
                        features=features,
-                       motion_reader=MotionClipReader("flow", flow_dir) if motion else None)
+                       motion_reader=(MotionClipReader("flow", flow_dir)
+                                      if features == "motion" else None))
     meta = {"encoder": info, "settings": emb.meta["settings"],
             "embeddings": str(out / "embeddings")}
     if emb.meta.get("features"):

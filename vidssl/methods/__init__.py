@@ -32,6 +32,7 @@ __all__ = [
 
 from vidssl.methods.cluster_contrast import ClusterContrast  # noqa: E402
 from vidssl.methods.cluster_triplet import ClusterTriplet  # noqa: E402
+from vidssl.methods.cross_modal import CrossModalContrast  # noqa: E402
 from vidssl.methods.goca import GOCA  # noqa: E402
 
-__all__ += ["ClusterContrast", "ClusterTriplet", "GOCA"]
+__all__ += ["ClusterContrast", "ClusterTriplet", "CrossModalContrast", "GOCA"]

@@ -16,9 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidssl import distributed as vdist
-from vidssl.methods.base import ConfigError, VideoSSLMethod
 from vidssl.methods.queue import KeyQueue
 from vidssl.methods.settings import Head, Optimization
+from vidssl.methods.two_stream import TwoStreamMethod
 from vidssl.pseudo_labels import PseudoLabelState
 
 __all__ = [
@@ -214,7 +214,7 @@ def _cut(clips: torch.Tensor, start: torch.Tensor, length: int) -> torch.Tensor:
     return clips.transpose(1, 2)[rows, frames].transpose(1, 2)
 
 
-class GOCA(VideoSSLMethod):
+class GOCA(TwoStreamMethod):
     """GOCA: guided online cluster assignment across RGB and motion (Coskun et al., ECCV 2022).
 
     "GOCA: Guided Online Cluster Assignment for Self-Supervised Video Representation Learning";
@@ -378,19 +378,8 @@ class GOCA(VideoSSLMethod):
                              f"{epsilon}, {temperature}, {prior_epsilon}")
         if short_frames is not None and short_frames < 1:
             raise ValueError(f"short_frames must be >= 1 or null, got {short_frames}")
-        if isinstance(backbone, nn.Module):
-            raise TypeError("GOCA builds its RGB and motion backbones from a zoo name; pass "
-                            "backbone as a name (vidssl.backbones.list())")
         super().__init__(backbone=backbone, backbone_kwargs=backbone_kwargs, weights=weights,
-                         **kwargs)
-        from vidssl.backbones import build
-
-        self.motion_channels = motion_channels
-        self.motion_backbone = build(backbone, weights=weights, in_channels=motion_channels,
-                                     **(backbone_kwargs or {}))
-        self.share_head = share_head
-        self.motion_projection = (self.projection if share_head
-                                  else self.build_projection_head(self.feature_dim))
+                         motion_channels=motion_channels, share_head=share_head, **kwargs)
         dim = self.head.output_dim
         self.prototypes = nn.Linear(dim, num_prototypes, bias=False)
         self.prototype_kind = prototypes
@@ -422,34 +411,7 @@ class GOCA(VideoSSLMethod):
         self._labels_epoch = -1
         self._batch_idx = 0
 
-    # ----------------------------------------------------------------- encoders
-    def encode_rgb(self, clips: torch.Tensor) -> torch.Tensor:
-        """Return the RGB stream's backbone features ``B x D`` of clips ``B x 3 x T x H x W``."""
-        return self.backbone(clips)
-
-    def encode_motion(self, motion: torch.Tensor) -> torch.Tensor:
-        """Return the motion stream's backbone features ``B x D`` of ``B x M x T x H x W``."""
-        return self.motion_backbone(motion)
-
-    def project(self, feats: torch.Tensor, modality: str = "rgb") -> torch.Tensor:
-        """Return the L2-normalised head output ``z`` (``B x d``) of backbone features."""
-        head = self.projection if modality == "rgb" else self.motion_projection
-        return F.normalize(head(feats), dim=1)
-
     # ----------------------------------------------------------------- checks
-    def setup(self, stage: str) -> None:
-        """Run the base checks, and check that the data's motion has ``motion_channels``."""
-        super().setup(stage)
-        channels = getattr(self._datamodule(), "motion_channels", None)
-        if stage == "fit" and isinstance(channels, int) and channels > 0 and (
-            channels != self.motion_channels
-        ):
-            raise ConfigError(
-                f"GOCA(motion_channels={self.motion_channels}) but the data module gives "
-                f"{channels}-channel motion; set model.init_args.motion_channels={channels} "
-                "(2 for flow or mv, 3 for diff)"
-            )
-
     def check_batch(self, batch: Dict[str, Any]) -> None:
         """Run the base checks, and check that short clips fit in the views' frames."""
         super().check_batch(batch)
