@@ -154,14 +154,15 @@ def _assert_rows(lines, rows):
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["CrossModalContrast", "ClusterTriplet"])
 def test_demo_writes_everything_it_announces(method, tmp_path):
-    """The demo with CrossModalContrast and with SLIC's flow view, each beside RGB-only
-    SimCLR, scored on RGB and on motion against the starting weights, curves of both, an
-    index: of the RGB stream for CrossModalContrast (what it trains), else of motion."""
+    """The demo with CrossModalContrast (the default) and with SLIC's flow view, each beside
+    RGB-only SimCLR, scored on RGB and on motion against the starting weights, curves of both,
+    a motion-feature index."""
     import json
 
     from vidssl.demo import DemoSettings, run_demo
     from vidssl.evaluation.search import SearchIndex
 
+    assert DemoSettings().method == "CrossModalContrast"  # the default
     out = run_demo(DemoSettings(out_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "c"),
                                 method=method, epochs=2, videos_per_class=4,
                                 width_mult=0.0625, num_workers=0, recluster_every=1,
@@ -195,9 +196,8 @@ def test_demo_writes_everything_it_announces(method, tmp_path):
     saved = json.loads((res / "history.json").read_text())
     assert set(saved["runs"]) == {main, simclr} and saved["starting weights"] == out["starts"]
     index = SearchIndex.load(res / "index")
-    features = "rgb" if method == "CrossModalContrast" else "motion"
-    assert len(index) == 24 and out["features"] == features
-    assert index.meta.get("features", "rgb") == features
+    assert len(index) == 24 and out["features"] == "motion"
+    assert index.meta["features"] == "motion"
 
 
 @pytest.mark.slow

@@ -969,7 +969,8 @@ def _add_demo(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=d.cache_dir,
                    help="where the synthetic videos and their optical flow are written (reused)")
     p.add_argument("--method", default=d.method, choices=DEMO_METHODS,
-                   help=f"method to pretrain ({d.method}: SLIC with its flow view)")
+                   help=f"method to pretrain ({d.method}: RGB and flow streams contrasted "
+                        "within the flow stream and across the two)")
     p.add_argument("--no-baseline", dest="baseline", action="store_false",
                    help="do not also train RGB-only SimCLR for comparison")
     p.add_argument("--motion-prob", type=float, default=d.motion_prob,
