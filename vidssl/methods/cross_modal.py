@@ -44,10 +44,13 @@ class CrossModalContrast(TwoStreamMethod):
     - ``cross_weight=1.0``: MaCLR's ``CONTRASTIVE_FLOW_WEIGHT``.
     - ``motion_weight=1.0`` (MaCLR: 0) and ``rgb_weight=0.0`` (MaCLR: 1): ours, measured on
       the synthetic collection whose videos each have their own look
-      (docs/benchmarks.md, "Cross-modal contrast"): without the motion-motion term the motion
-      stream does not learn motion and the RGB stream stays at its start; the RGB-RGB term
-      rewards the scene, which tells these videos apart. Set ``rgb_weight=1,
-      motion_weight=0`` for MaCLR's terms.
+      (docs/benchmarks.md, "Cross-modal contrast"): with the cross term alone the RGB
+      stream ends below its start (an RGB clip can find its flow by what both show without
+      motion: the moving object's size and place); with the motion-motion term the flow
+      stream's code becomes a motion code the RGB stream must predict. The RGB-RGB term
+      rewards the scene, which tells these videos apart: with it (MaCLR's terms, or all
+      three) the RGB stream ends below its start too. Set ``rgb_weight=1, motion_weight=0``
+      for MaCLR's terms.
     - ``temperature=0.1``: MaCLR's ``INFONCE_TEMPERATURE`` (and SimCLR's).
     - head ``D -> 2048 -> BN -> ReLU -> 128`` for each stream: MaCLR's
       ``CONTRASTIVE_HEAD_LAYERS 2``, ``HIDDEN_DIM 2048``, ``CODE_DIM 128``.
@@ -138,4 +141,3 @@ class CrossModalContrast(TwoStreamMethod):
         loss = (self.rgb_weight * terms["loss_rgb"] + self.motion_weight * terms["loss_motion"]
                 + self.cross_weight * terms["loss_cross"])
         return {"loss": loss, **{k: v.detach() for k, v in terms.items()}}
-
