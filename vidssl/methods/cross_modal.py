@@ -45,7 +45,7 @@ class CrossModalContrast(TwoStreamMethod):
     - ``motion_weight=1.0`` (MaCLR: 0) and ``rgb_weight=0.0`` (MaCLR: 1): ours, measured on
       the synthetic collection whose videos each have their own look
       (docs/benchmarks.md, "Cross-modal contrast"): with the cross term alone the RGB
-      stream ends below its start (an RGB clip can find its flow by what both show without
+      stream stays at its start (an RGB clip can find its flow by what both show without
       motion: the moving object's size and place); with the motion-motion term the flow
       stream's code becomes a motion code the RGB stream must predict. The RGB-RGB term
       rewards the scene, which tells these videos apart: with it (MaCLR's terms, or all
