@@ -395,7 +395,9 @@ def main() -> None:
                                 num_frames=args.frames, seed=args.data_seed, width=args.size,
                                 height=args.size, appearance=args.appearance)  # fmt: skip
     args.flow_dir = os.path.join(root, f"flow_{args.flow_method}")
-    with_flow = ("slic_flow", "goca", "ce_flow", *_CROSS_MODAL)
+    # Stored flow only where a row reads it (xmodal rows read --xmodal-motion).
+    with_flow = ("slic_flow", "goca", "ce_flow") + (
+        tuple(_CROSS_MODAL) if args.xmodal_motion == "flow" else ())
     if any(m.split("+")[-1] in with_flow for m in args.methods):
         from vidssl.data.flow import flow_dataset
 
