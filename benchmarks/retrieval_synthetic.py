@@ -159,7 +159,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
                       **_optim(args), **_backbone(args))  # fmt: skip
         return method, [], {}
     if name == "slic":
-        method = ClusterTriplet(**_optim(args), **_backbone(args))
+        method = ClusterTriplet(margin=args.margin, **_optim(args), **_backbone(args))
         labels = _pseudo_labels(args, start_epoch)
         return method, [labels], {"views": list(method.views)}
     if name == "ce_flow":  # DeepCluster's loss on clusters of the flow view's features
@@ -176,7 +176,7 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
         channels, stem = (3, "xy") if source == "diff" else (2, args.motion_input)
         method = ClusterTriplet(motion_prob=args.motion_prob, motion_input=stem,
                                 motion_channels=channels, temporal_weight=args.temporal_weight,
-                                **_optim(args), **_backbone(args))  # fmt: skip
+                                margin=args.margin, **_optim(args), **_backbone(args))  # fmt: skip
         labels = _pseudo_labels(args, start_epoch, modality=args.bank)
         dm_kw = {"views": list(method.views), "motion": source,
                  "motion_views": list(method.motion_views)}
@@ -271,15 +271,32 @@ def _motion_rows(method, root: str, args, dm_kw: dict, name: str, tag: str = "")
             for features in ("motion", "both")]  # fmt: skip
 
 
+class _LastEpoch(pl.Callback):
+    """Keeps the logged epoch means of the last training epoch (the trainer clears them)."""
+
+    def __init__(self) -> None:
+        self.logged: dict = {}
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self.logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+
+
 def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
     """Train ``method`` for ``epochs`` epochs on the CPU; return the minutes it took."""
+    last = _LastEpoch()
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
         enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
-        callbacks=callbacks,
+        callbacks=[*callbacks, last],
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(method, datamodule=dm)
+    logged = last.logged
+    if "train/dist_same" in logged:  # ClusterTriplet's collapse diagnostic, last epoch's mean
+        print(f"{type(method).__name__} last epoch: cosine distance between rows of the same "
+              f"pseudo-class {logged['train/dist_same']:.3f}, of other pseudo-classes "
+              f"{logged['train/dist_other']:.3f}, triplet loss {logged['train/triplet_loss']:.3f} "
+              f"(margin {method.margin})", flush=True)
     return (time.perf_counter() - start) / 60
 
 
@@ -335,6 +352,8 @@ def main() -> None:
     ap.add_argument("--temporal-weight", type=float, default=1.0,
                     help="slic_*: weight of SLIC's temporal discrimination term (SLIC: 1; 0 "
                     "drops it and its re-augmented anchor)")
+    ap.add_argument("--margin", type=float, default=0.2,
+                    help="slic, slic_*: the triplet margin m1 (SLIC: 0.2)")
     ap.add_argument("--motion-input", choices=("x3", "xy"), default="x3",
                     help="slic_*: motion through the RGB stem (x3, SLIC's) or its own stem (xy)")
     ap.add_argument("--bank", choices=("rgb", "motion", "both"), default="rgb",
@@ -398,7 +417,7 @@ def main() -> None:
     # Stored flow only where a row reads it (xmodal rows read --xmodal-motion).
     with_flow = ("slic_flow", "goca", "ce_flow") + (
         tuple(_CROSS_MODAL) if args.xmodal_motion == "flow" else ())
-    if any(m.split("+")[-1] in with_flow for m in args.methods):
+    if any(part in with_flow for m in args.methods for part in m.split("+")):
         from vidssl.data.flow import flow_dataset
 
         t0 = time.perf_counter()
@@ -439,9 +458,11 @@ def main() -> None:
         if name != "random":
             epochs = args.epochs
             if first:
-                pretrained, _, _ = _build(first, args)
+                # The first stage with its own data settings (a two-stream method reads motion).
+                pretrained, _, first_kw = _build(first, args)
                 pretrained.backbone.load_state_dict(method.backbone.state_dict())
-                minutes += _fit(pretrained, [], _datamodule(root, args), args.start_epoch)
+                minutes += _fit(pretrained, [], _datamodule(root, args, **first_kw),
+                                args.start_epoch)  # fmt: skip
                 method.backbone.load_state_dict(pretrained.backbone.state_dict())
                 for online, momentum in method.momentum_pairs():  # keys start as the queries
                     momentum.load_state_dict(online.state_dict())

@@ -13,6 +13,7 @@ from vidssl.losses.mining import (
     cluster_contrastive_loss,
     cluster_triplet_loss,
     hard_negative_mask,
+    label_distances,
     temporal_discrimination_loss,
 )
 from vidssl.methods import ClusterContrast, ClusterTriplet, Head, Optimization
@@ -69,6 +70,14 @@ def test_cluster_triplet_loss_is_triplet_plus_temporal():
     assert out["loss"].item() == pytest.approx(expected.item(), abs=1e-5)
     assert out["num_triplets"].item() == trip.anchor.numel()
     assert out["same_video_rate"].item() == pytest.approx(2 / 6)
+    # the collapse diagnostic: distances between the anchors' and positives' embeddings
+    b = len(batch["index"])
+    with torch.no_grad():
+        z = m.projection(m.backbone(torch.cat(batch["views"])))[: 2 * b]
+    # labels of the 2B rows: anchors 0..5, then positives [0, 2, 1, 3, 5, 4] (-1: own video)
+    rows = torch.tensor([0, 1, 0, 1, -6, -7, 0, 0, 1, 1, -7, -6])
+    for key, value in label_distances(z, rows).items():
+        assert out[key].item() == pytest.approx(value.item(), abs=1e-5)
     out["loss"].backward()
     assert m.backbone.stem[0].weight.grad.abs().sum() > 0
 

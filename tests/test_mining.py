@@ -8,6 +8,7 @@ from vidssl.losses.mining import (
     cluster_contrastive_loss,
     cluster_triplet_loss,
     hard_negative_mask,
+    label_distances,
     labels_or_instances,
     pairwise_cosine_distance,
     select_semi_hard_negatives,
@@ -125,6 +126,29 @@ def test_cluster_triplet_loss_gradient_is_bit_identical_across_repeats():
         torch.set_num_threads(threads)
     assert out.anchor.numel() * 128 >= 32768  # enough to take the parallel path
     assert len(grads) == 1
+
+
+def test_label_distances_match_pair_loop():
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0, -9])
+    pairs = [(i, j) for i, j in itertools.product(range(7), range(7)) if i != j]
+    same = [_cos_d(x[i], x[j]) for i, j in pairs if labels[i] == labels[j]]
+    other = [_cos_d(x[i], x[j]) for i, j in pairs if labels[i] != labels[j]]
+    out = label_distances(x, labels)
+    assert out["dist_same"].item() == pytest.approx(sum(same) / len(same), abs=1e-9)
+    assert out["dist_other"].item() == pytest.approx(sum(other) / len(other), abs=1e-9)
+
+
+def test_label_distances_show_a_collapsed_embedding_and_a_single_label():
+    # every row the same direction (different lengths): both distances 0
+    rows = torch.tensor([[1.0, 2.0, 0.5]]) * torch.tensor([[1.0], [3.0], [0.2], [7.0]])
+    out = label_distances(rows, torch.tensor([0, 0, 1, 1]))
+    assert out["dist_same"].item() == pytest.approx(0.0, abs=1e-6)
+    assert out["dist_other"].item() == pytest.approx(0.0, abs=1e-6)
+    # one label: there is no pair of other labels to average over
+    one = label_distances(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
+    assert math.isnan(one["dist_other"].item()) and not math.isnan(one["dist_same"].item())
 
 
 def test_temporal_discrimination_loss_matches_formula():

@@ -6,7 +6,7 @@ and ``ClusterContrast``; each is checked in ``tests/test_mining.py`` against dir
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, Dict, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ __all__ = [
     "cluster_triplet_loss",
     "hard_negative_fn_rate",
     "hard_negative_mask",
+    "label_distances",
     "labels_or_instances",
     "pairwise_cosine_distance",
     "select_semi_hard_negatives",
@@ -149,6 +150,34 @@ def cluster_triplet_loss(
     rows = [embeddings.index_select(0, i) for i in (anchor, positive, negative)]
     loss = triplet_margin_cosine(*rows, margin)
     return TripletSelection(loss, anchor, positive, negative)
+
+
+def label_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Mean cosine distance ``d = 1 - cos`` between rows of the same and of other labels.
+
+    A training diagnostic for the metric-learning losses, computed without gradient:
+    ``dist_same`` averages ``d`` over the pairs ``i != j`` with ``labels[i] == labels[j]``,
+    ``dist_other`` over the pairs with different labels (``NaN`` when there is no such pair).
+    A loss that separates the pseudo-classes makes ``dist_other`` grow above ``dist_same``;
+    both near 0 means that every embedding points the same way (a collapsed embedding, where
+    a triplet loss sits at its margin).
+
+    Args:
+        embeddings: ``R x D`` (not necessarily normalised).
+        labels: ``LongTensor R``.
+
+    Returns:
+        ``{"dist_same": 0-dim tensor, "dist_other": 0-dim tensor}``.
+    """
+    with torch.no_grad():
+        dist = pairwise_cosine_distance(embeddings, embeddings)
+        same = labels[:, None] == labels[None, :]
+        off_diagonal = ~torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+
+        def mean(mask: torch.Tensor) -> torch.Tensor:  # 0 / 0 = NaN for an empty mask
+            return (dist * mask).sum() / mask.sum()
+
+        return {"dist_same": mean(same & off_diagonal), "dist_other": mean(~same)}
 
 
 def temporal_discrimination_loss(

@@ -15,6 +15,7 @@ from torch import nn
 from vidssl.backbones.motion import MOTION_INPUTS, MotionStem
 from vidssl.losses.mining import (
     cluster_triplet_loss,
+    label_distances,
     labels_or_instances,
     temporal_discrimination_loss,
 )
@@ -112,6 +113,13 @@ class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
     of the positive and ``a'`` clips replaced. Training stops at start-up
     (:class:`~vidssl.methods.base.ConfigError`) when ``motion_prob > 0`` and the data module
     gives no motion, or motion with another channel count than ``motion_channels``.
+
+    Besides the loss terms, ``compute_loss`` logs ``train/dist_same`` and ``train/dist_other``
+    (:func:`vidssl.losses.mining.label_distances`: the mean ``d`` between the batch's rows of
+    the same and of other pseudo-classes). When both sink toward 0 and stay equal the embedding
+    has collapsed to one direction and the triplet loss sits at its margin: on a collection
+    whose classes differ only by motion this happened even with the true classes as labels
+    (docs/benchmarks.md, "SLIC's triplet loss with the true classes").
 
     Retrieval on motion (``vidssl retrieval --features motion|both``) embeds motion fields
     through :meth:`encode_motion`, in the same input format.
@@ -302,6 +310,7 @@ class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
             "triplet_loss": sel.loss.detach(),
             "num_triplets": torch.tensor(float(sel.anchor.numel()), device=z.device),
             "same_video_rate": (positive_index == index).float().mean(),
+            **label_distances(torch.cat([za, zp]).detach(), labels),
             **extra,
         }
         loss = sel.loss
