@@ -30,6 +30,7 @@ import argparse
 import logging
 import os
 import platform
+import random
 import tempfile
 import time
 import warnings
@@ -281,6 +282,32 @@ class _LastEpoch(pl.Callback):
         self.logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
 
 
+class _Curve(pl.Callback):
+    """Prints R@1 (and SLIC's distances) every ``every`` epochs: where a run plateaus or lifts.
+
+    The evaluation runs with the random states saved and restored, so the training draws are
+    those of a run without the curve.
+    """
+
+    def __init__(self, every: int, root: str, args) -> None:
+        self.every, self.root, self.args = every, root, args
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        epoch = trainer.current_epoch + 1
+        if epoch % self.every:
+            return
+        logged = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        res = evaluate_retrieval(pl_module, _datamodule(self.root, self.args),
+                                 num_clips=self.args.num_clips, projection=self.args.projection)
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.set_rng_state(states[2])
+        dist = (f", dist_same {logged['train/dist_same']:.3f}, dist_other "
+                f"{logged['train/dist_other']:.3f}" if "train/dist_same" in logged else "")
+        print(f"  after epoch {epoch}: R@1 {res.recall[1]:.3f}{dist}", flush=True)
+
+
 def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
     """Train ``method`` for ``epochs`` epochs on the CPU; return the minutes it took."""
     last = _LastEpoch()
@@ -398,6 +425,8 @@ def main() -> None:
                     help="retrieve with the projection head's outputs (SLIC's published "
                     "protocol) instead of the backbone's features")
     ap.add_argument("--num-clips", type=int, default=5, help="eval clips per video")
+    ap.add_argument("--curve-every", type=int, default=0,
+                    help="print R@1 every N training epochs (0: only at the end)")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--seed", type=int, default=0, help="initial weights and sampling")
     ap.add_argument("--train-seed", type=int, default=None,
@@ -467,7 +496,8 @@ def main() -> None:
                 for online, momentum in method.momentum_pairs():  # keys start as the queries
                     momentum.load_state_dict(online.state_dict())
                 epochs -= args.start_epoch
-            minutes += _fit(method, callbacks, _datamodule(root, args, **dm_kw), epochs)
+            curve = [_Curve(args.curve_every, root, args)] if args.curve_every > 0 else []
+            minutes += _fit(method, callbacks + curve, _datamodule(root, args, **dm_kw), epochs)
         res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips,
                                  projection=args.projection)  # fmt: skip
         rows.append((name, minutes, res))
