@@ -98,13 +98,16 @@ def select_semi_hard_negatives(
 class TripletSelection(NamedTuple):
     """Result of :func:`cluster_triplet_loss`: the loss and the triplets it used.
 
-    ``anchor``, ``positive``, ``negative`` are ``LongTensor T`` rows of the embedding matrix.
+    ``anchor``, ``positive``, ``negative`` are ``LongTensor T`` rows of the embedding matrix;
+    ``distances`` is :func:`label_distances` of the embeddings, from the distances the
+    selection computed anyway.
     """
 
     loss: torch.Tensor
     anchor: torch.Tensor
     positive: torch.Tensor
     negative: torch.Tensor
+    distances: Dict[str, torch.Tensor]
 
 
 def cluster_triplet_loss(
@@ -141,15 +144,16 @@ def cluster_triplet_loss(
     )
     keep = negative >= 0
     anchor, positive, negative = anchor[keep], positive[keep], negative[keep]
+    distances = _mean_distances(dist, same)
     if anchor.numel() == 0:
-        return TripletSelection(embeddings.sum() * 0.0, anchor, positive, negative)
+        return TripletSelection(embeddings.sum() * 0.0, anchor, positive, negative, distances)
     # index_select, not e[anchor]: the backward of advanced indexing accumulates a row that
     # appears in many triplets with parallel atomic adds on a multi-threaded CPU (when the
     # triplets hold >= 32768 numbers), so the same seed gave different weights run to run;
     # index_select's backward (index_add) sums in index order.
     rows = [embeddings.index_select(0, i) for i in (anchor, positive, negative)]
     loss = triplet_margin_cosine(*rows, margin)
-    return TripletSelection(loss, anchor, positive, negative)
+    return TripletSelection(loss, anchor, positive, negative, distances)
 
 
 def label_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -171,13 +175,17 @@ def label_distances(embeddings: torch.Tensor, labels: torch.Tensor) -> Dict[str,
     """
     with torch.no_grad():
         dist = pairwise_cosine_distance(embeddings, embeddings)
-        same = labels[:, None] == labels[None, :]
-        off_diagonal = ~torch.eye(len(labels), dtype=torch.bool, device=dist.device)
+    return _mean_distances(dist, labels[:, None] == labels[None, :])
 
-        def mean(mask: torch.Tensor) -> torch.Tensor:  # 0 / 0 = NaN for an empty mask
-            return (dist * mask).sum() / mask.sum()
 
-        return {"dist_same": mean(same & off_diagonal), "dist_other": mean(~same)}
+def _mean_distances(dist: torch.Tensor, same: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """:func:`label_distances` from the ``R x R`` distances and same-label mask."""
+    off_diagonal = ~torch.eye(len(same), dtype=torch.bool, device=dist.device)
+
+    def mean(mask: torch.Tensor) -> torch.Tensor:  # 0 / 0 = NaN for an empty mask
+        return (dist * mask).sum() / mask.sum()
+
+    return {"dist_same": mean(same & off_diagonal), "dist_other": mean(~same)}
 
 
 def temporal_discrimination_loss(

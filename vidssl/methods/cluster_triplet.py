@@ -15,7 +15,6 @@ from torch import nn
 from vidssl.backbones.motion import MOTION_INPUTS, MotionStem
 from vidssl.losses.mining import (
     cluster_triplet_loss,
-    label_distances,
     labels_or_instances,
     temporal_discrimination_loss,
 )
@@ -305,12 +304,12 @@ class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
                 labels_or_instances(self.pseudo_labels, positive_index),
             ]
         )
-        sel = cluster_triplet_loss(torch.cat([za, zp]), labels, self.margin)
+        sel = cluster_triplet_loss(z[: 2 * b], labels, self.margin)
         out = {
             "triplet_loss": sel.loss.detach(),
             "num_triplets": torch.tensor(float(sel.anchor.numel()), device=z.device),
             "same_video_rate": (positive_index == index).float().mean(),
-            **label_distances(torch.cat([za, zp]).detach(), labels),
+            **sel.distances,
             **extra,
         }
         loss = sel.loss
