@@ -22,6 +22,15 @@ callback made.
 
 ``A+B`` trains A for ``--start-epoch`` epochs, then B from A's backbone for the remaining
 epochs, clustering from B's first epoch: pseudo-labels from a pretrained network.
+
+``A>B`` trains A (a method with a motion encoder: ``xmodal``) for ``--start-epoch`` epochs as a
+teacher, then B from the common starting weights for the remaining epochs, on the clusters of
+the teacher's ``--bank`` features (``PseudoLabels(initial_weights=<A's checkpoint>)``); with
+``--every 0`` they are never re-made (fixed teacher labels):
+
+    .venv/bin/python benchmarks/retrieval_synthetic.py --appearance per_video \
+        --videos-per-class 100 --methods simclr "xmodal>slic_flow" --epochs 80 \
+        --start-epoch 20 --every 0 --bank motion --num-clusters 6
 """
 
 from __future__ import annotations
@@ -126,6 +135,12 @@ def _pseudo_labels(args, start_epoch: Optional[int] = None, **kw) -> PseudoLabel
     start = args.start_epoch if start_epoch is None else start_epoch
     if args.every == 0:  # cluster once, the starting weights' features, and keep the labels
         kw["cluster_before_training"] = True
+    if args.num_clusters is not None:
+        kw.setdefault("num_clusters", args.num_clusters)
+    if args.level:
+        kw.setdefault("level", args.level)
+    if getattr(args, "teacher_weights", None):  # A>B: the clusters of A's features
+        kw["initial_weights"] = args.teacher_weights
     if args.oracle:  # the true classes as pseudo-labels: the upper bound of the clustering
         kw = {"oracle": True, "modality": kw.get("modality", "rgb")}
     return PseudoLabels(every_n_epochs=args.every, start_epoch=start,
@@ -231,7 +246,8 @@ def _build(name: str, args, start_epoch: Optional[int] = None):
     raise SystemExit(f"unknown method {name!r}; valid: simclr, simclr_cvrl, simclr_videosimclr, "
                      "moco, slic, slic_flow, slic_mv, slic_diff, ce_flow, goca, xmodal, "
                      "xmodal_maclr, xmodal_cross, xmodal_all, cluster_contrast, "
-                     "supervised, or A+B (A for --start-epoch epochs, then B from its backbone)")
+                     "supervised, A+B (A for --start-epoch epochs, then B from its backbone) "
+                     "or A>B (B on the clusters of A's features)")
 
 
 class _SourceNMI(pl.Callback):
@@ -308,8 +324,12 @@ class _Curve(pl.Callback):
         print(f"  after epoch {epoch}: R@1 {res.recall[1]:.3f}{dist}", flush=True)
 
 
-def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
-    """Train ``method`` for ``epochs`` epochs on the CPU; return the minutes it took."""
+def _fit(method, callbacks, dm: VideoDataModule, epochs: int, save_to: Optional[str] = None
+         ) -> float:
+    """Train ``method`` for ``epochs`` epochs on the CPU; return the minutes it took.
+
+    ``save_to``: write a Lightning checkpoint of the trained method there.
+    """
     last = _LastEpoch()
     trainer = pl.Trainer(
         max_epochs=epochs, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -318,6 +338,8 @@ def _fit(method, callbacks, dm: VideoDataModule, epochs: int) -> float:
     )  # fmt: skip
     start = time.perf_counter()
     trainer.fit(method, datamodule=dm)
+    if save_to is not None:
+        trainer.save_checkpoint(save_to)
     logged = last.logged
     if "train/dist_same" in logged:  # ClusterTriplet's collapse diagnostic, last epoch's mean
         print(f"{type(method).__name__} last epoch: cosine distance between rows of the same "
@@ -386,6 +408,11 @@ def main() -> None:
     ap.add_argument("--bank", choices=("rgb", "motion", "both"), default="rgb",
                     help="slic_*: what the pseudo-labels cluster: RGB (SLIC's), the motion "
                     "view or both (PseudoLabels modality)")
+    ap.add_argument("--num-clusters", type=int, default=None,
+                    help="cluster-guided methods: the cluster count (FINCH's req_clust; "
+                    "default: the method's own, FINCH's finest level for SLIC)")
+    ap.add_argument("--level", type=int, default=0,
+                    help="cluster-guided methods: FINCH's partition, 0 the finest")
     ap.add_argument("--oracle", action="store_true",
                     help="cluster-guided methods: the true classes instead of clusters (an "
                     "upper bound, not self-supervised; SLIC's 'Supervised SLIC')")
@@ -446,7 +473,7 @@ def main() -> None:
     # Stored flow only where a row reads it (xmodal rows read --xmodal-motion).
     with_flow = ("slic_flow", "goca", "ce_flow") + (
         tuple(_CROSS_MODAL) if args.xmodal_motion == "flow" else ())
-    if any(part in with_flow for m in args.methods for part in m.split("+")):
+    if any(part in with_flow for m in args.methods for part in m.replace(">", "+").split("+")):
         from vidssl.data.flow import flow_dataset
 
         t0 = time.perf_counter()
@@ -472,6 +499,15 @@ def main() -> None:
         # "simclr+slic": SimCLR for --start-epoch epochs, then SLIC from those backbone weights
         # for the rest, clustering from its first epoch (pseudo-labels from a pretrained network).
         first, _, second = name.rpartition("+")
+        # "xmodal>slic_flow": CrossModalContrast for --start-epoch epochs as a teacher, then SLIC
+        # from the common starting weights on the clusters of the teacher's --bank features.
+        teacher, _, second = second.rpartition(">")
+        args.teacher_weights = None
+        if teacher:
+            if first:
+                raise SystemExit(f"{name}: use A+B or A>B, not both")
+            args.teacher_weights = tempfile.NamedTemporaryFile(
+                suffix=f"_{teacher}.ckpt", delete=False).name  # removed at the end
         # The same seed before building: every method starts from the same backbone weights.
         pl.seed_everything(args.seed, verbose=False)
         # After a pretraining stage, clustering starts at once (pseudo-labels from its weights).
@@ -496,6 +532,13 @@ def main() -> None:
                 for online, momentum in method.momentum_pairs():  # keys start as the queries
                     momentum.load_state_dict(online.state_dict())
                 epochs -= args.start_epoch
+            if teacher:
+                # The teacher from the same starting RGB weights, with its own data settings.
+                taught, _, teacher_kw = _build(teacher, args)
+                taught.backbone.load_state_dict(method.backbone.state_dict())
+                minutes += _fit(taught, [], _datamodule(root, args, **teacher_kw),
+                                args.start_epoch, save_to=args.teacher_weights)  # fmt: skip
+                epochs -= args.start_epoch
             curve = [_Curve(args.curve_every, root, args)] if args.curve_every > 0 else []
             minutes += _fit(method, callbacks + curve, _datamodule(root, args, **dm_kw), epochs)
         res = evaluate_retrieval(method, _datamodule(root, args), num_clips=args.num_clips,
@@ -508,6 +551,11 @@ def main() -> None:
         for cb in callbacks:
             if isinstance(cb, (PseudoLabels, _SourceNMI)):
                 histories[name] = cb.history
+            levels = getattr(cb, "diagnostics", {}).get("clustering", {}).get("level_clusters")
+            if levels:  # FINCH's partitions of the latest clustering
+                print(f"{name}: FINCH's levels of the latest clustering: {levels} clusters")
+        if args.teacher_weights:
+            os.remove(args.teacher_weights)
         print(f"{name}: R@1 {res.recall[1]:.3f} after {minutes:.1f} min", flush=True)
 
     ks = list(rows[0][2].recall)

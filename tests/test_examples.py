@@ -71,7 +71,17 @@ def _runnable(config: Path, tmp_path: Path) -> Path:
     changed = False
     for cb in cfg.get("trainer", {}).get("callbacks", []):
         args = cb.get("init_args") or {}
-        if "initial_weights" in args:
+        if "initial_weights" in args and args.get("modality", "rgb") != "rgb":
+            # A motion teacher: a tiny CrossModalContrast checkpoint (2-channel motion stream).
+            from vidssl.methods import CrossModalContrast, Head
+
+            teacher = CrossModalContrast(backbone="r3d_18", backbone_kwargs={"width_mult": 0.0625},
+                                         head=Head(hidden_dim=16, output_dim=8))
+            path = tmp_path / "teacher.ckpt"
+            torch.save({"state_dict": teacher.state_dict(),
+                        "hyper_parameters": dict(teacher.hparams)}, path)
+            args["initial_weights"], changed = str(path), True
+        elif "initial_weights" in args:
             from vidssl.backbones import build
 
             path = tmp_path / "pretrained.pth"

@@ -13,7 +13,9 @@ from vidssl import clustering
 from vidssl.callbacks.pseudo_labels import PseudoLabels, PseudoLabelState
 from vidssl.data import VideoDataModule
 from vidssl.data.synthetic import write_synthetic_dataset
-from vidssl.methods import ClusterContrast, ClusterTriplet, Head
+from vidssl.evaluation.embed import load_encoder
+from vidssl.evaluation.features import feature_pass
+from vidssl.methods import ClusterContrast, ClusterTriplet, CrossModalContrast, Head
 
 BROKEN = "MoveLeft/zz_broken.avi"
 
@@ -35,10 +37,10 @@ def _copy(videos, tmp_path, broken=False):
 
 
 def _dm(root, **kw):
+    kw.setdefault("views", ("anchor", "positive", "anchor_repeat"))
     return VideoDataModule(
         train=str(root), format="class_folders", clip_len=4, stride=1, short_side=40,
-        crop_size=32, views=("anchor", "positive", "anchor_repeat"), train_preset="crop_flip",
-        batch_size=4,
+        crop_size=32, train_preset="crop_flip", batch_size=4,
         num_workers=0, cache_dir=str(root.parent / "cache"), **kw,
     )
 
@@ -268,5 +270,74 @@ def test_motion_modality_needs_a_motion_view_and_a_model_that_encodes_it(videos,
         _trainer(tmp_path, [cb], max_epochs=1).fit(_model(), datamodule=_dm(videos))
     with pytest.raises(ValueError, match="unknown modality 'flow'; valid: rgb, motion, both"):
         PseudoLabels(modality="flow")
-    with pytest.raises(ValueError, match="initial_weights is an RGB backbone"):
-        PseudoLabels(modality="both", initial_weights="x.ckpt")
+
+
+# -- a motion teacher's clusters (initial_weights with modality='motion') ---------------------
+
+
+def _teacher_checkpoint(videos, tmp_path):
+    """A CrossModalContrast (frame-difference stream) checkpoint after one training batch."""
+    torch.manual_seed(1)
+    teacher = CrossModalContrast(motion_channels=3, head=Head(hidden_dim=16, output_dim=8),
+                                 backbone="r3d_18", backbone_kwargs={"width_mult": 1 / 16})
+    dm = _dm(videos, views=list(teacher.views), motion="diff",
+             motion_views=list(teacher.motion_views))
+    trainer = _trainer(tmp_path / "teacher", [], max_epochs=1, limit_train_batches=1,
+                       enable_checkpointing=False)
+    trainer.fit(teacher, datamodule=dm)
+    path = tmp_path / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path
+
+
+def test_motion_teacher_labels_are_the_clusters_of_its_motion_features(videos, tmp_path):
+    """initial_weights + modality='motion': an RGB-only student trains on a teacher's clusters."""
+    path = _teacher_checkpoint(videos, tmp_path)
+    dm = _dm(videos, motion="diff", motion_views=[])
+    dm.setup("fit")
+    # By hand: the checkpoint's motion stream over the bank's motion view, in index order.
+    teacher, info = load_encoder(path)
+    assert info["motion"]["two_stream"]
+    bank = feature_pass(teacher, dm.bank_dataloader(), lambda b: dm.augment(b, train=False),
+                        features="motion")
+    feats = torch.nn.functional.normalize(bank.features, dim=1)[bank.index.argsort()]
+    expected = clustering.cluster(feats.numpy(), method="finch", req_clust=3).labels
+    student = _model()  # ClusterTriplet without a motion encoder: it never re-clusters
+    cb = PseudoLabels(every_n_epochs=0, method="finch", num_clusters=3, modality="motion",
+                      initial_weights=str(path))
+    _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(student, datamodule=dm)
+    assert [h["epoch"] for h in cb.history] == [-1]  # made once, before training
+    np.testing.assert_array_equal(cb.state.labels, expected)
+    assert f"motion features of initial_weights={path}" == cb.state.provenance
+    assert cb._teacher is None  # not held after the labels are made
+    # The teacher's RGB stream clusters the videos otherwise: the bank was its motion view.
+    rgb = feature_pass(teacher, dm.bank_dataloader(), lambda b: dm.augment(b, train=False))
+    rgb = torch.nn.functional.normalize(rgb.features, dim=1)[rgb.index.argsort()]
+    assert not np.array_equal(
+        clustering.cluster(rgb.numpy(), method="finch", req_clust=3).labels, expected)
+    # modality='both': the teacher's RGB and motion features, each normalised, averaged.
+    both = feature_pass(teacher, dm.bank_dataloader(), lambda b: dm.augment(b, train=False),
+                        features="both")
+    both = torch.nn.functional.normalize(both.features, dim=1)[both.index.argsort()]
+    cb = PseudoLabels(every_n_epochs=0, method="finch", num_clusters=3, modality="both",
+                      initial_weights=str(path))
+    _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(_model(), datamodule=dm)
+    np.testing.assert_array_equal(
+        cb.state.labels, clustering.cluster(both.numpy(), method="finch", req_clust=3).labels)
+
+
+def test_motion_teacher_without_a_motion_encoder_fails_at_setup(videos, tmp_path):
+    rgb_only = tmp_path / "rgb_only.ckpt"
+    student = _model()
+    torch.save({"state_dict": student.state_dict(),
+                "hyper_parameters": {"backbone": "r3d_18",
+                                     "backbone_kwargs": {"width_mult": 1 / 16}}}, rgb_only)
+    dm = _dm(videos, motion="diff", motion_views=[])
+    for weights, error in [(rgb_only, "has no motion encoder: give a checkpoint of "
+                                      "CrossModalContrast, GOCA or ClusterTriplet"),
+                           (tmp_path / "missing.ckpt", "missing.ckpt not found")]:
+        cb = PseudoLabels(every_n_epochs=0, modality="motion", initial_weights=str(weights))
+        trainer = _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1)
+        with pytest.raises(ValueError, match=error):
+            trainer.fit(_model(), datamodule=dm)
+        assert trainer.global_step == 0

@@ -101,17 +101,26 @@ class PseudoLabels(pl.Callback):
         features: ``"backbone"`` features or ``"projection"`` head outputs [``"backbone"``].
         modality: what the bank embeds: the RGB clips (``"rgb"``, SLIC's clustering), the
             motion view (``"motion"``: the method's ``encode_motion`` of ``batch["motion"]``,
-            which needs ``data.motion``) or both, each L2-normalised and averaged (``"both"``)
-            [``"rgb"``]. Clustering the motion view and training the RGB clips towards its
-            clusters is the cross-modal step of CoCLR (Han et al., NeurIPS 2020: positives
-            mined from the flow network's neighbours train the RGB network): videos that move
-            alike become positives whatever they look like (docs/motion.md).
+            or that of ``initial_weights`` for the initial labels; needs ``data.motion``) or
+            both, each L2-normalised and averaged (``"both"``) [``"rgb"``]. Clustering the
+            motion view and training the RGB clips towards its clusters is the cross-modal
+            step of CoCLR (Han et al., NeurIPS 2020: positives mined from the flow network's
+            neighbours train the RGB network): videos that move alike become positives
+            whatever they look like (docs/motion.md).
         cluster_before_training: make initial labels at the start of training, before epoch 0's
             schedule, with ``initial_weights`` if given (the "pseudo-labels from a pretrained
             network" start); skipped when resuming with labels.
-        initial_weights: backbone checkpoint for the initial labels (any file
-            ``vidssl.backbones.load_backbone_weights`` reads); its backbone features are
-            clustered. Implies ``cluster_before_training``.
+        initial_weights: the pre-trained network whose features make the initial labels.
+            Implies ``cluster_before_training``. With ``modality="rgb"``: a backbone of the
+            method's architecture (any file ``vidssl.backbones.load_backbone_weights`` reads),
+            whose backbone features of the RGB clips are clustered. With ``"motion"`` or
+            ``"both"``: a vidssl checkpoint of a method with a motion encoder
+            (``CrossModalContrast``, ``GOCA``, ``ClusterTriplet(motion_prob > 0)``; read by
+            :func:`vidssl.evaluation.embed.load_encoder`, any architecture), whose motion (or
+            averaged RGB and motion) features of the bank are clustered: a motion teacher's
+            clusters guide a student of any kind (CoCLR's cross-modal step, with labels from
+            a separately trained flow network). Its motion input must be the data module's
+            ``motion`` source.
         install_sampler: if the data module has ``set_train_batch_sampler`` and no batch sampler
             yet, install a ``ClusterBatchSampler`` (pair sampling) at setup.
         p_same: the installed sampler's probability of a same-video positive (SLIC UCF101: 0.2).
@@ -165,9 +174,6 @@ class PseudoLabels(pl.Callback):
             raise ValueError(f"unknown features {features!r}; valid: {', '.join(FEATURES)}")
         if modality not in MODALITIES:
             raise ValueError(f"unknown modality {modality!r}; valid: {', '.join(MODALITIES)}")
-        if modality != "rgb" and initial_weights is not None:
-            raise ValueError(f"modality={modality!r} embeds the model's motion view; "
-                             "initial_weights is an RGB backbone: use modality='rgb' with it")
         if cluster_fraction is not None and not 0.0 < cluster_fraction <= 1.0:
             raise ValueError(f"cluster_fraction must be in (0, 1], got {cluster_fraction}")
         if every_n_epochs is not None and every_n_epochs < 0:
@@ -210,6 +216,7 @@ class PseudoLabels(pl.Callback):
         self._batches_done = 0  # training batches finished in the current epoch
         self._adapted_p: Optional[float] = None  # adaptive_p's current p_same
         self._in_epoch_start = False  # inside on_train_epoch_start, where self.log is allowed
+        self._teacher: Optional[nn.Module] = None  # initial_weights' motion encoder, until used
 
     @property
     def pseudo_label_state(self) -> Optional[PseudoLabelState]:
@@ -309,7 +316,12 @@ class PseudoLabels(pl.Callback):
             return
         dm = getattr(trainer, "datamodule", None)
         if self.modality != "rgb":
-            check_features(self.modality, model=pl_module)  # the method encodes motion
+            if self.initial_weights is not None and self.state is None:
+                # Loaded now so that a checkpoint mistake fails at start-up (a resumed run
+                # restores its labels after setup and then drops the teacher unused).
+                self._teacher = self._motion_teacher()
+            if self.setting("every_n_epochs", pl_module) > 0 and not self.oracle:
+                check_features(self.modality, model=pl_module)  # it re-clusters its own motion
             if getattr(dm, "motion", "none") == "none":
                 raise ValueError(f"PseudoLabels(modality={self.modality!r}) clusters the motion "
                                  "view, but data.motion is 'none'; set it to flow, mv or diff")
@@ -349,6 +361,7 @@ class PseudoLabels(pl.Callback):
             if self.initial_weights is not None:
                 encoder = self._pretrained_encoder(pl_module)
             self.recluster(trainer, pl_module, epoch=-1, encoder=encoder)
+        self._teacher = None  # a motion teacher loaded at setup is not needed again
         self._hand_over(trainer, pl_module)
         self._restore_sampler(trainer)
 
@@ -459,7 +472,37 @@ class PseudoLabels(pl.Callback):
         if self._sampler is not None and self._adapted_p is not None:
             self._sampler.p_same = self._adapted_p
 
+    def _motion_teacher(self) -> nn.Module:
+        """Load ``initial_weights`` as a model that encodes motion; a clear error if it cannot."""
+        from vidssl.evaluation.embed import load_encoder
+
+        try:
+            model, info = load_encoder(self.initial_weights)
+        except (FileNotFoundError, ValueError) as e:
+            raise ValueError(f"PseudoLabels(modality={self.modality!r}, initial_weights="
+                             f"{self.initial_weights!r}): {e}") from e
+        if "motion" not in info:
+            raise ValueError(
+                f"PseudoLabels(modality={self.modality!r}) clusters the motion features of "
+                f"initial_weights, but {self.initial_weights} has no motion encoder: give a "
+                "checkpoint of CrossModalContrast, GOCA or ClusterTriplet(motion_prob > 0), or "
+                "use modality='rgb'"
+            )
+        return model
+
     def _pretrained_encoder(self, pl_module: pl.LightningModule) -> Callable:
+        if self.modality != "rgb":  # a motion teacher: its RGB stream and its motion encoder
+            teacher, self._teacher = self._teacher or self._motion_teacher(), None
+            rgb = getattr(teacher, "encode_rgb", teacher)  # TwoStream's, or SharedEncoder itself
+
+            def teach(clips: torch.Tensor) -> torch.Tensor:
+                return F.normalize(rgb(clips), dim=1)
+
+            teach.module = teacher  # type: ignore[attr-defined]
+            teach.modality = self.modality  # type: ignore[attr-defined]
+            teach.provenance = (  # type: ignore[attr-defined]
+                f"{self.modality} features of initial_weights={self.initial_weights}")
+            return teach
         backbone = pl_module.backbone_with_weights(self.initial_weights)
 
         def encode(clips: torch.Tensor) -> torch.Tensor:
@@ -489,9 +532,11 @@ class PseudoLabels(pl.Callback):
         """Embed this rank's share of the bank: ``(index B_r, features B_r x D, label B_r)``.
 
         ``encoder`` (``clips -> B x D``) replaces the model for the RGB clips (the backbone of
-        ``initial_weights``); without it the model being trained embeds its ``modality``. A
-        video the bank loader skipped (undecodable under the training policy ``resample``: the
-        batch lists it in ``skipped_index``) has a row of NaN features and label ``-1``.
+        ``initial_weights``); when it has a ``modality`` attribute other than ``"rgb"`` (a
+        motion teacher), its ``module``'s ``encode_motion`` embeds the motion view too. Without
+        it the model being trained embeds its ``modality``. A video the bank loader skipped
+        (undecodable under the training policy ``resample``: the batch lists it in
+        ``skipped_index``) has a row of NaN features and label ``-1``.
         """
         dm = getattr(trainer, "datamodule", None)
         if dm is None or not hasattr(dm, "bank_dataloader"):
@@ -512,12 +557,15 @@ class PseudoLabels(pl.Callback):
 
             batches = tqdm(loader, desc="PseudoLabels: embedding", leave=False)
         augment = lambda b: dm.augment(b, train=False)  # noqa: E731
-        if own_model and self.modality != "rgb":  # the model's motion (and RGB) encoders
-            bank = feature_pass(module, batches, augment, device=device, features=self.modality,
+        modality = self.modality if own_model else getattr(encoder, "modality", "rgb")
+        if own_model and modality != "rgb":  # the model's motion (and RGB) encoders
+            bank = feature_pass(module, batches, augment, device=device, features=modality,
                                 projection=self.setting("features", pl_module) == "projection")
+        else:  # RGB clips through the encoder; a motion teacher's motion view through its module
+            bank = feature_pass(module, batches, augment, encode=encoder, device=device,
+                                features=modality)
+        if modality != "rgb":
             bank.features = F.normalize(bank.features, dim=1)  # as embed() does for RGB
-        else:
-            bank = feature_pass(module, batches, augment, encode=encoder, device=device)
         if not bank.index.numel() and bank.skipped.numel():
             raise RuntimeError(
                 "PseudoLabels: none of this process's training videos could be decoded; check "
@@ -593,7 +641,9 @@ class PseudoLabels(pl.Callback):
             t1 = time.perf_counter()
             lab_np, diag = self.cluster(feats_np, pl_module)
             labels[torch.from_numpy(ok).to(device)] = torch.from_numpy(lab_np).to(device)
-            diag = {k: v for k, v in diag.items() if _is_number(v) or isinstance(v, str)}
+            # Numbers, strings and lists of numbers (FINCH's level_clusters) are kept.
+            diag = {k: v for k, v in diag.items() if _is_number(v) or isinstance(v, str) or (
+                isinstance(v, list) and all(_is_number(x) for x in v))}
             diag["embed_seconds"] = t1 - t0
             diag["cluster_seconds"] = time.perf_counter() - t1
         vdist.broadcast(labels, src=0)

@@ -331,8 +331,10 @@ class VideoDataModule(pl.LightningDataModule):
         readable = ds.index.num_frames > 0
         if split == "training" and self.motion != "none" and not self.motion_views:
             warnings.warn(
-                f"data.motion={self.motion!r} but no view carries motion (motion_views=[]: the "
-                "method reads none); no motion is computed. Set data.motion: none.",
+                f"data.motion={self.motion!r} but no training view carries motion "
+                "(motion_views=[]: the method reads none); only the feature bank and evaluation "
+                "clips get it (PseudoLabels(modality='motion'), motion retrieval). If nothing "
+                "reads it, set data.motion: none.",
                 UserWarning,
                 stacklevel=3,
             )
