@@ -506,8 +506,8 @@ def main() -> None:
         if teacher:
             if first:
                 raise SystemExit(f"{name}: use A+B or A>B, not both")
-            args.teacher_weights = tempfile.NamedTemporaryFile(
-                suffix=f"_{teacher}.ckpt", delete=False).name  # removed at the end
+            fd, args.teacher_weights = tempfile.mkstemp(suffix=f"_{teacher}.ckpt")
+            os.close(fd)  # the teacher's checkpoint is written there; removed after the row
         # The same seed before building: every method starts from the same backbone weights.
         pl.seed_everything(args.seed, verbose=False)
         # After a pretraining stage, clustering starts at once (pseudo-labels from its weights).

@@ -13,8 +13,6 @@ from vidssl import clustering
 from vidssl.callbacks.pseudo_labels import PseudoLabels, PseudoLabelState
 from vidssl.data import VideoDataModule
 from vidssl.data.synthetic import write_synthetic_dataset
-from vidssl.evaluation.embed import load_encoder
-from vidssl.evaluation.features import feature_pass
 from vidssl.methods import ClusterContrast, ClusterTriplet, CrossModalContrast, Head
 
 BROKEN = "MoveLeft/zz_broken.avi"
@@ -295,13 +293,22 @@ def test_motion_teacher_labels_are_the_clusters_of_its_motion_features(videos, t
     path = _teacher_checkpoint(videos, tmp_path)
     dm = _dm(videos, motion="diff", motion_views=[])
     dm.setup("fit")
-    # By hand: the checkpoint's motion stream over the bank's motion view, in index order.
-    teacher, info = load_encoder(path)
-    assert info["motion"]["two_stream"]
-    bank = feature_pass(teacher, dm.bank_dataloader(), lambda b: dm.augment(b, train=False),
-                        features="motion")
-    feats = torch.nn.functional.normalize(bank.features, dim=1)[bank.index.argsort()]
-    expected = clustering.cluster(feats.numpy(), method="finch", req_clust=3).labels
+    # By hand, from the checkpoint through Lightning's own loader: the teacher's RGB and motion
+    # streams over the bank (one centre clip per video, eval mode), rows in index order.
+    teacher = CrossModalContrast.load_from_checkpoint(path).eval()
+    feats, order = {"motion": [], "rgb": []}, []
+    with torch.no_grad():
+        for batch in dm.bank_dataloader():
+            batch = dm.augment(batch, train=False)
+            order.append(batch["index"])
+            feats["motion"].append(teacher.encode_motion(batch["motion"][0]))
+            feats["rgb"].append(teacher.encode_rgb(batch["views"][0]))
+    rows = torch.cat(order).argsort()
+    feats = {k: torch.nn.functional.normalize(torch.cat(v)[rows], dim=1) for k, v in feats.items()}
+    feats["both"] = torch.nn.functional.normalize(feats["rgb"] + feats["motion"], dim=1)
+    labels = {k: clustering.cluster(v.numpy(), method="finch", req_clust=3).labels
+              for k, v in feats.items()}
+    expected = labels["motion"]
     student = _model()  # ClusterTriplet without a motion encoder: it never re-clusters
     cb = PseudoLabels(every_n_epochs=0, method="finch", num_clusters=3, modality="motion",
                       initial_weights=str(path))
@@ -311,19 +318,13 @@ def test_motion_teacher_labels_are_the_clusters_of_its_motion_features(videos, t
     assert f"motion features of initial_weights={path}" == cb.state.provenance
     assert cb._teacher is None  # not held after the labels are made
     # The teacher's RGB stream clusters the videos otherwise: the bank was its motion view.
-    rgb = feature_pass(teacher, dm.bank_dataloader(), lambda b: dm.augment(b, train=False))
-    rgb = torch.nn.functional.normalize(rgb.features, dim=1)[rgb.index.argsort()]
-    assert not np.array_equal(
-        clustering.cluster(rgb.numpy(), method="finch", req_clust=3).labels, expected)
+    assert not np.array_equal(labels["rgb"], expected)
     # modality='both': the teacher's RGB and motion features, each normalised, averaged.
-    both = feature_pass(teacher, dm.bank_dataloader(), lambda b: dm.augment(b, train=False),
-                        features="both")
-    both = torch.nn.functional.normalize(both.features, dim=1)[both.index.argsort()]
     cb = PseudoLabels(every_n_epochs=0, method="finch", num_clusters=3, modality="both",
                       initial_weights=str(path))
     _trainer(tmp_path, [cb], max_epochs=1, limit_train_batches=1).fit(_model(), datamodule=dm)
-    np.testing.assert_array_equal(
-        cb.state.labels, clustering.cluster(both.numpy(), method="finch", req_clust=3).labels)
+    np.testing.assert_array_equal(cb.state.labels, labels["both"])
+    assert not np.array_equal(labels["both"], expected)
 
 
 def test_motion_teacher_without_a_motion_encoder_fails_at_setup(videos, tmp_path):

@@ -492,7 +492,8 @@ class PseudoLabels(pl.Callback):
 
     def _pretrained_encoder(self, pl_module: pl.LightningModule) -> Callable:
         if self.modality != "rgb":  # a motion teacher: its RGB stream and its motion encoder
-            teacher, self._teacher = self._teacher or self._motion_teacher(), None
+            teacher = self._motion_teacher() if self._teacher is None else self._teacher
+            self._teacher = None
             rgb = getattr(teacher, "encode_rgb", teacher)  # TwoStream's, or SharedEncoder itself
 
             def teach(clips: torch.Tensor) -> torch.Tensor:
