@@ -116,9 +116,11 @@ class ClusterTriplet(UsesPseudoLabels, VideoSSLMethod):
     Besides the loss terms, ``compute_loss`` logs ``train/dist_same`` and ``train/dist_other``
     (:func:`vidssl.losses.mining.label_distances`: the mean ``d`` between the batch's rows of
     the same and of other pseudo-classes). When both sink toward 0 and stay equal the embedding
-    has collapsed to one direction and the triplet loss sits at its margin: on a collection
-    whose classes differ only by motion this lasted about 35 epochs even with the true classes
-    as labels (docs/benchmarks.md, "SLIC's triplet loss with the true classes").
+    has collapsed to one direction and the triplet loss sits at its margin. Training can leave
+    that plateau late: on a collection whose classes differ only by motion it lasted tens of
+    epochs, with the true classes or a motion teacher's clusters as labels, at a point that
+    varies from run to run (docs/benchmarks.md, "SLIC on a motion teacher's clusters, 100
+    epochs"). Judge a run by when ``train/dist_other`` leaves ``train/dist_same``.
 
     Retrieval on motion (``vidssl retrieval --features motion|both``) embeds motion fields
     through :meth:`encode_motion`, in the same input format.
